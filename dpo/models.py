@@ -1,0 +1,75 @@
+"""Loading causal LMs and tokenizers safely: safetensors only, no remote code unless asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dpo.errors import DpormError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    try:
+        return DTYPES[aliases.get(name, name)]
+    except KeyError:
+        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DpormError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpormError("device 'cuda' asked for, but no CUDA device is available")
+    return device
+
+
+def _check_local(path: str) -> None:
+    """A path that exists must be a model directory; one that looks like a path must exist."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise DpormError(f"{path}: not a model directory (no config.json)")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise DpormError(f"{path}: no such model directory")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_local(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DpormError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """A causal LM in eval mode. Pickle checkpoints are refused unless ``allow_pickle``."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        hint = "" if allow_pickle else " (only safetensors weights are loaded unless pickle is allowed)"
+        raise DpormError(f"cannot load model from {path}: {str(e).splitlines()[0]}{hint}") from None
+    return model.to(resolve_device(device)).eval()

@@ -1,0 +1,48 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_tiny_llama(seed: int = 0, vocab_size: int = 97, dtype: torch.dtype = torch.float32, **overrides):
+    """A small random Llama built in-process (no files, no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The real default model checkpoint (pulled once; instant afterwards)."""
+    from dpo.default_model import pull_default_model
+
+    return pull_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(default_model_dir):
+    from dpo.models import load_tokenizer
+
+    return load_tokenizer(str(default_model_dir))
