@@ -15,7 +15,7 @@ from dpo.data import read_records
 from dpo.encoding import encode
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
-from dpo.models import load_model, load_tokenizer
+from dpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
 
 def resolve_model_path(name: str, cache_dir: str | None) -> str:
@@ -44,6 +44,7 @@ def _check_positive(name: str, value: int | None) -> None:
 def run_logprobs(args: argparse.Namespace) -> None:
     _check_positive("limit", args.limit)
     _check_positive("batch-size", args.batch_size)
+    resolve_dtype(args.dtype), resolve_device(args.device)  # bad options fail before any model work
     records = list(itertools.islice(read_records(args.data), args.limit))
     shapes = [_responses(r) for r in records]
     kind = next((s for s in shapes if s is not None), None)
