@@ -8,7 +8,7 @@ with the token count and the per-token values. Sequences are right-padded with a
 attention mask. Responses that share a prompt (chosen/rejected, N samples to rerank)
 compute the prompt once: its KV cache is expanded over the responses, which then
 attend to it. The LM head is applied only at positions that predict a response token,
-so prompt positions never produce [T, V] logits.
+through :func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo.encoding import Encoded
-from kernels import token_logprobs
+from kernels import linear_token_logprobs, token_logprobs
 
 IGNORE_INDEX = -100
 
@@ -48,7 +48,7 @@ def _separable_head(model) -> torch.nn.Module | None:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+    if type(head) is not torch.nn.Linear or decoder is None or decoder is model:  # not LoRA-wrapped heads
         return None
     return head
 
@@ -67,9 +67,12 @@ def _score_states(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Te
     keep = targets != IGNORE_INDEX
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     if keep.any():
-        picked = states[keep]
-        logits = head(picked) if head is not None else picked
-        out = out.masked_scatter(keep, token_logprobs(logits, targets[keep]))
+        picked, picked_targets = states[keep], targets[keep]
+        if head is not None:  # chunked: the [N, V] logits never exist at once
+            logp = linear_token_logprobs(picked, head.weight, picked_targets, IGNORE_INDEX, head.bias)
+        else:
+            logp = token_logprobs(picked, picked_targets)
+        out = out.masked_scatter(keep, logp)
     return out
 
 

@@ -6,6 +6,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton decides at kernel definition time whether to interpret: set it before any kernel module loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def kernel_backend(request, monkeypatch):
+    """Runs a test once per implementation, forcing it with DPORM_KERNEL."""
+    monkeypatch.setenv("DPORM_KERNEL", request.param)
+    return request.param
+
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 97, dtype: torch.dtype = torch.float32, **overrides):
     """A small random Llama built in-process (no files, no hub)."""

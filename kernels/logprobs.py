@@ -1,0 +1,53 @@
+"""The token log-prob op: ``log softmax(logits)[target]`` without materialising log-softmax."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import backend
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd wrapper over a backend's forward (``logp``, ``lse``) and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        impl = backend(logits)
+        logp, lse = impl.forward(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.impl, ctx.ignore_index = impl, ignore_index
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        return ctx.impl.backward(logits, targets, lse, grad_out, ctx.ignore_index), None, None
+
+
+def flatten(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, V]`` logits with unit vocab stride and ``[N]`` int64 targets, after checks."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    flat = logits.reshape(-1, logits.shape[-1])
+    return (flat if flat.stride(-1) == 1 else flat.contiguous()), targets.reshape(-1).long().contiguous()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Log-probability of each target token under ``softmax(logits)``.
+
+        logp[i] = logits[i, t_i] - logsumexp_j logits[i, j]
+        d logp[i] / d logits[i] = onehot(t_i) - softmax(logits[i])
+
+    Args:
+        logits: ``[..., V]`` scores, fp32/bf16/fp16 (fp64 for references), any strides.
+        targets: ``[...]`` integer token ids; ``ignore_index`` where nothing is scored.
+
+    Returns:
+        float32 tensor shaped like ``targets`` (float64 for float64 logits), computed in
+        float32 whatever the input dtype, 0 at ignored positions; differentiable in ``logits``.
+        Triton on CUDA, a chunked torch path elsewhere (see :mod:`kernels.backend`).
+    """
+    flat_logits, flat_targets = flatten(logits, targets)
+    return TokenLogprobsFunction.apply(flat_logits, flat_targets, ignore_index).view(targets.shape)

@@ -1,0 +1,87 @@
+"""kernels.linear_token_logprobs: log-probs from hidden states + LM head in token chunks."""
+
+import pytest
+import torch
+
+import kernels.linear_logprobs as linear_module
+from kernels import linear_token_logprobs
+
+
+def reference(hidden, weight, targets, bias=None, ignore_index=-100):
+    logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logp.masked_fill(targets == ignore_index, 0.0)
+
+
+def make(n, hidden_size, vocab, dtype, seed=0, bias=False):
+    torch.manual_seed(seed)
+    h = torch.randn(n, hidden_size).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype).requires_grad_()
+    b = torch.randn(vocab).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, vocab, (n,))
+    t[0] = -100
+    return h, w, b, t
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several token chunks even on small inputs."""
+    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 2000)
+
+
+# bf16 logits come from a bf16 matmul (as the model's own head computes them), hence the looser bound.
+FWD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (0.1, 0.02)}
+GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (0.1, 0.05)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,bias", [(7, False), (1000, True), (50257, False)])
+def test_forward_and_grads_match_reference(kernel_backend, small_chunks, dtype, vocab, bias):
+    h, w, b, t = make(5, 16, vocab, dtype, bias=bias)
+    g = torch.randn(5)
+    out = linear_token_logprobs(h, w, t, bias=b)
+    assert out.dtype == torch.float32 and out[0] == 0
+    (out * g).sum().backward()
+    params = [h, w] + ([b] if bias else [])
+    ref_params = [p.detach().double().requires_grad_() for p in params]
+    ref = reference(ref_params[0], ref_params[1], t, ref_params[2] if bias else None)
+    (ref * g.double()).sum().backward()
+    atol, rtol = FWD_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    atol, rtol = GRAD_TOL[dtype]
+    for p, r in zip(params, ref_params, strict=True):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.double(), r.grad, atol=atol, rtol=rtol)
+
+
+def test_gradcheck_float64(monkeypatch, small_chunks):
+    monkeypatch.setenv("DPORM_KERNEL", "torch")
+    h, w, b, t = make(6, 4, 9, torch.float64, bias=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: linear_token_logprobs(h, w, t, bias=b), (h, w, b))
+
+
+def test_three_d_input_and_frozen_weight(kernel_backend):
+    torch.manual_seed(1)
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(11, 8)  # frozen: no grad_weight is computed
+    t = torch.randint(0, 11, (2, 3))
+    out = linear_token_logprobs(h, w, t)
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    torch.testing.assert_close(out.double(), reference(h.detach(), w, t), atol=1e-5, rtol=1e-5)
+    assert h.grad.shape == h.shape and w.grad is None
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    monkeypatch.setenv("DPORM_KERNEL", "torch")
+    h, w, b, t = make(9, 8, 50, torch.float32)
+    whole = linear_token_logprobs(h, w, t)
+    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 50)  # one token per chunk
+    torch.testing.assert_close(linear_token_logprobs(h, w, t), whole, atol=1e-6, rtol=0)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="do not match"):
+        linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden size"):
+        linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
