@@ -19,6 +19,7 @@ import torch
 
 from kernels.backend import backend
 from kernels.logprobs import flatten
+from kernels.torch_backend import accumulation_dtype
 
 # Tokens per chunk: about this many logits per chunk (a 256-row chunk at V = 49152 in float32 is 48 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -28,8 +29,12 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(hidden, weight, bias)
+def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``hidden @ weight.T + bias`` written into the front rows of a reused buffer (no fresh pages per chunk)."""
+    out = buffer[: hidden.shape[0]]
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=out)
+    return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
@@ -38,10 +43,12 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         impl = backend(hidden)
         n, vocab = hidden.shape[0], weight.shape[0]
         step = _chunk_rows(vocab)
-        pieces = [impl.forward(_logits(hidden[s : s + step], weight, bias), targets[s : s + step], ignore_index)
-                  for s in range(0, n, step)]  # fmt: skip
-        logp = torch.cat([p[0] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-        lse = torch.cat([p[1] for p in pieces]) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+        buffer = hidden.new_empty(min(step, n), vocab)
+        logp = torch.empty(n, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, step):
+            logits = _logits_into(buffer, hidden[s : s + step], weight, bias)
+            logp[s : s + step], lse[s : s + step] = impl.forward(logits, targets[s : s + step], ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.impl, ctx.ignore_index, ctx.step = impl, ignore_index, step
         return logp
@@ -50,22 +57,25 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, step = hidden.shape[0], ctx.step
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        step = ctx.step
-        for s in range(0, hidden.shape[0], step):
-            h = hidden[s : s + step]
-            logits = _logits(h, weight, bias)
-            g = ctx.impl.backward(logits, targets[s : s + step], lse[s : s + step], grad_out[s : s + step],
-                                  ctx.ignore_index)  # fmt: skip
-            del logits
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        logits_buffer = hidden.new_empty(min(step, n), weight.shape[0])
+        grad_buffer = torch.empty_like(logits_buffer)
+        for s in range(0, n, step):
+            rows = slice(s, s + step)
+            h = hidden[rows]
+            logits = _logits_into(logits_buffer, h, weight, bias)
+            g = ctx.impl.backward(logits, targets[rows], lse[rows], grad_out[rows], ctx.ignore_index,
+                                  out=grad_buffer[: h.shape[0]])  # fmt: skip
             if need_h:
-                grad_h[s : s + step] = g @ weight
+                torch.mm(g, weight, out=grad_h[rows])
             if need_w:
-                grad_w.addmm_(g.t().to(torch.float32), h.to(torch.float32))
+                grad_w.addmm_(g.t().to(acc), h.to(acc))
             if need_b:
-                grad_b += g.sum(0, dtype=torch.float32)
+                grad_b += g.sum(0, dtype=acc)
         return (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,

@@ -82,11 +82,16 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
 
 
 def backward(
-    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, ignore_index: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    ignore_index: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_out[i] * (onehot(t_i) - softmax(z[i]))`` in the dtype of ``logits``; 0 on ignored rows."""
+    """``grad_out[i] * (onehot(t_i) - softmax(z[i]))`` in the dtype of ``logits`` (into ``out`` if given)."""
     n, vocab = logits.shape
-    grad_logits = torch.empty_like(logits)
+    grad_logits = torch.empty_like(logits) if out is None else out
     if n:
         block = _block(vocab)
         _backward_kernel[(n,)](logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
