@@ -140,11 +140,11 @@ def _cases(args: argparse.Namespace) -> list[dict]:
     base = {"device": args.device, "vocab": args.vocab, "repeats": args.repeats}
     cases = []
     for dtype in args.dtypes:
-        for mode in ("fwd", "fwd+bwd"):
-            for n in args.rows:
+        for mode in args.modes:
+            for n in args.rows if "token" in args.ops else []:
                 for method in TOKEN_METHODS:
                     cases.append(dict(base, op="token", dtype=dtype, mode=mode, rows=n, method=method))
-            for method in LINEAR_METHODS:
+            for method in LINEAR_METHODS if "linear" in args.ops else []:
                 cases.append(dict(base, op="linear", dtype=dtype, mode=mode, rows=args.linear_rows,
                                   hidden=args.hidden, method=method))  # fmt: skip
     return cases
@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--ops", nargs="+", default=["token", "linear"], choices=["token", "linear"])
     parser.add_argument("--linear-rows", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=576, help="hidden size for the linear op (SmolLM2: 576)")
     parser.add_argument("--repeats", type=int, default=3)
