@@ -57,6 +57,13 @@ def ipo_sum_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
     return (delta - 1 / (2 * beta)) ** 2
 
 
+def per_token_delta(
+    rho_chosen: torch.Tensor, rho_rejected: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Length-normalised margin ρ_w/|y_w| − ρ_l/|y_l| (a count of 0 counts as 1)."""
+    return rho_chosen / chosen_tokens.clamp(min=1) - rho_rejected / rejected_tokens.clamp(min=1)
+
+
 def ipo_loss(
     rho_chosen: torch.Tensor,
     rho_rejected: torch.Tensor,
@@ -65,8 +72,7 @@ def ipo_loss(
     beta: float,
 ) -> torch.Tensor:
     """IPO in TRL v1's per-token-normalised form: (ρ_w/|y_w| − ρ_l/|y_l| − 1/(2β))²."""
-    delta = rho_chosen / chosen_tokens.clamp(min=1) - rho_rejected / rejected_tokens.clamp(min=1)
-    return (delta - 1 / (2 * beta)) ** 2
+    return ipo_sum_loss(per_token_delta(rho_chosen, rho_rejected, chosen_tokens, rejected_tokens), beta)
 
 
 def sigmoid_norm_loss(
@@ -77,8 +83,7 @@ def sigmoid_norm_loss(
     beta: float,
 ) -> torch.Tensor:
     """Length-normalised DPO: −log σ(β (ρ_w/|y_w| − ρ_l/|y_l|))."""
-    delta = rho_chosen / chosen_tokens.clamp(min=1) - rho_rejected / rejected_tokens.clamp(min=1)
-    return -F.logsigmoid(beta * delta)
+    return sigmoid_loss(per_token_delta(rho_chosen, rho_rejected, chosen_tokens, rejected_tokens), beta)
 
 
 def plackett_luce_loss(rho: torch.Tensor, beta: float, valid: torch.Tensor | None = None) -> torch.Tensor:
