@@ -44,7 +44,8 @@ class SequenceLogprobs:
 def _separable_head(model) -> torch.nn.Module | None:
     """The LM head when logits are exactly ``head(decoder(x))``, else None (softcapping, logit scales)."""
     config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    # Gemma-2 soft-caps logits, Cohere multiplies them, Granite divides them: not a plain head.
+    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
