@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     logprobs.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
     _add_model_options(logprobs)
     logprobs.set_defaults(run=_run_logprobs)
+
+    from dpo.train_config import add_train_arguments
+
+    train = commands.add_parser(
+        "train",
+        help="train a DPO policy; writes a reward-model artifact",
+        description="Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF "
+        "dialogues or rankings) and write a reward-model artifact: the policy (LoRA adapter or full "
+        "checkpoint) plus dporm.json. Options may also come from --config (YAML/TOML); flags override it. "
+        "Multi-process: accelerate launch -m dpo.cli train ...",
+    )
+    add_train_arguments(train)
+    train.set_defaults(run=_run_train)
     return parser
 
 
@@ -71,6 +84,12 @@ def _run_logprobs(args: argparse.Namespace) -> None:
     from dpo.logprobs_command import run_logprobs
 
     run_logprobs(args)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from dpo.train_command import run_train
+
+    run_train({k: v for k, v in vars(args).items() if k not in ("run", "command")})
 
 
 def main(argv: list[str] | None = None) -> int:

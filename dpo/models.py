@@ -73,3 +73,15 @@ def load_model(
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless pickle is allowed)"
         raise DpormError(f"cannot load model from {path}: {str(e).splitlines()[0]}{hint}") from None
     return model.to(resolve_device(device)).eval()
+
+
+def weights_hash(model) -> str:
+    """sha256 over parameter and buffer names, dtypes, shapes and bytes: identifies a model's weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()

@@ -1,0 +1,32 @@
+"""LoRA policies: one copy of the base weights serves as policy (adapter on) and reference (adapter off)."""
+
+from __future__ import annotations
+
+import torch
+
+from dpo.errors import DpormError
+
+
+def apply_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targets: str = "all-linear",
+               seed: int = 0):  # fmt: skip
+    """Wrap ``model`` in a PEFT LoRA adapter; the A matrices are drawn from ``torch.manual_seed(seed)``.
+
+    ``targets`` is ``all-linear`` (every linear layer but the LM head) or a comma-separated list of
+    module names. B starts at zero, so the wrapped model computes exactly the base model at step 0.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise DpormError(f"lora rank must be at least 1, got {r}")
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        bias="none", task_type="CAUSAL_LM")  # fmt: skip
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise DpormError(f"cannot apply LoRA ({targets}): {str(e).splitlines()[0]}") from None
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -1,0 +1,213 @@
+"""``dporm train``: data, models and reference in; a reward-model artifact (policy + dporm.json) out."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from dpo import __version__
+from dpo.batching import encode_examples
+from dpo.checkpoints import list_checkpoints, load_checkpoint
+from dpo.errors import DpormError
+from dpo.manifest import Manifest
+from dpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
+from dpo.preference_data import Columns, PreferenceData, load_preferences
+from dpo.reference import adapter_off_reference, cache_key, model_reference, no_reference, precomputed_reference
+from dpo.train_config import TrainConfig, build_config
+from dpo.train_log import MetricsLog, plot_curves
+from dpo.trainer import PolicyScorer, Trainer
+
+# Options that do not change the trained weights: they may differ between a run and its resume.
+RESUME_FREE = {"resume", "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "config",
+               "cache_dir", "ref_cache_dir"}  # fmt: skip
+OUTPUTS = ("dporm.json", "metrics.jsonl", "checkpoints", "policy")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _columns(c: TrainConfig) -> Columns:
+    return Columns(c.prompt_column, c.chosen_column, c.rejected_column, c.responses_column, c.scores_column,
+                   c.ranking_column)  # fmt: skip
+
+
+def _load_data(c: TrainConfig, report) -> tuple[PreferenceData, PreferenceData]:
+    train = load_preferences(c.data, _columns(c), c.split, c.strict, report)
+    if c.eval_data:
+        evaluation = load_preferences(c.eval_data, _columns(c), c.eval_split, c.strict, report)
+    else:
+        if c.eval_size >= len(train.examples):
+            raise DpormError(f"--eval-size {c.eval_size} leaves no training rows ({len(train.examples)} usable)")
+        cut = len(train.examples) - c.eval_size
+        evaluation = PreferenceData(train.examples[cut:])
+        train = PreferenceData(train.examples[:cut], train.skipped)
+    if c.limit:
+        train = PreferenceData(train.examples[: c.limit], train.skipped)
+    return train, evaluation
+
+
+def _check_output(c: TrainConfig, output: Path) -> Path | None:
+    """The checkpoint to resume from; refuses to overwrite an earlier run's output."""
+    if c.resume:
+        found = list_checkpoints(output)
+        if not found:
+            raise DpormError(f"--resume: no checkpoint under {output / 'checkpoints'}")
+        return found[-1]
+    if any((output / name).exists() for name in OUTPUTS):
+        raise DpormError(f"{output} holds an earlier run; pass --resume to continue it or choose a new --output")
+    return None
+
+
+def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
+    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUME_FREE and saved.get(k) != v)
+    if changed:
+        raise DpormError(f"--resume: options differ from the checkpointed run: {', '.join(changed)}")
+
+
+def run_train(given: dict) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from dpo.default_model import cache_root
+    from dpo.logprobs_command import resolve_model_path
+
+    c, _ = build_config(given)
+    dtype, device = resolve_dtype(c.dtype), resolve_device(c.device)
+    output = Path(c.output).expanduser()
+    resume_from = _check_output(c, output)
+    if resume_from is not None:
+        _check_resumable(resume_from, c)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=c.mixed_precision)
+    main = accelerator.is_main_process
+    report = _say if main else (lambda msg: None)
+    set_seed(c.seed)
+    started = time.time()
+
+    model_path = resolve_model_path(c.model, c.cache_dir)
+    tokenizer = load_tokenizer(model_path, c.trust_remote_code)
+    train_data, eval_data = _load_data(c, report)
+    train = encode_examples(tokenizer, train_data.examples, c.max_length, c.allow_response_truncation, report)
+    evaluation = encode_examples(tokenizer, eval_data.examples, c.max_length, c.allow_response_truncation, report)
+    if not train:
+        raise DpormError("no training example survived encoding (see the skipped rows above)")
+    report(f"{len(train)} training and {len(evaluation)} eval examples")
+
+    model = load_model(model_path, c.dtype, str(accelerator.device), c.trust_remote_code, c.allow_pickle)
+    reference_path = None if c.reference_free else (resolve_model_path(c.reference, c.cache_dir)
+                                                    if c.reference else model_path)  # fmt: skip
+    separate_reference = reference_path is not None and reference_path != model_path
+    ref_model = None
+    if separate_reference:
+        ref_model = load_model(reference_path, c.dtype, str(accelerator.device), c.trust_remote_code, c.allow_pickle)
+    ref_hash = weights_hash(ref_model if separate_reference else model) if reference_path else None
+
+    model.train()
+    if c.finetune == "lora":
+        from dpo.lora import apply_lora
+
+        model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, c.seed)
+    policy = PolicyScorer(model)
+
+    tokenization = {"chat_template": getattr(tokenizer, "chat_template", None), "max_length": c.max_length,
+                    "allow_response_truncation": c.allow_response_truncation}  # fmt: skip
+    cache_hit = None
+    if reference_path is None:
+        reference = no_reference
+    elif separate_reference:
+        reference = model_reference(ref_model.requires_grad_(False))
+    elif c.finetune == "lora":
+        reference = adapter_off_reference(policy)
+    elif c.precompute_ref:
+        reference = model_reference(model)  # the initial weights, used once before training
+    else:
+        reference = model_reference(copy.deepcopy(model).eval().requires_grad_(False))
+    if c.precompute_ref:
+        fingerprint = PreferenceData(train_data.examples + eval_data.examples).fingerprint()
+        key = cache_key(fingerprint, ref_hash, {**tokenization, "dtype": str(dtype), "amp": c.mixed_precision})
+        cache_file = Path(c.ref_cache_dir or cache_root(c.cache_dir) / "ref-logps").expanduser() / f"{key}.safetensors"
+        with accelerator.main_process_first(), accelerator.autocast():
+            reference, cache_hit = precomputed_reference(reference, train + evaluation, cache_file, c.batch_size,
+                                                         show_progress=main)  # fmt: skip
+        report(f"reference log-probs {'reused from' if cache_hit else 'cached in'} {cache_file}")
+        ref_model = None  # the lookup replaces it; its memory is freed
+
+    log_file = output / "metrics.jsonl"
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        metrics_log = MetricsLog(
+            log_file,
+            output / "tensorboard" if c.tensorboard else None,
+            resume_step=None if resume_from is None else int(resume_from.name.split("-")[1]),
+        )
+
+    def log(step: int, metrics: dict, split: str) -> None:
+        if main:
+            metrics_log.write(step, metrics, split)
+
+    trainer = Trainer(c, accelerator, policy, reference, train, evaluation, log)
+    start_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, trainer.trainable(), trainer.optimizer, trainer.scheduler,
+                                accelerator.process_index)  # fmt: skip
+        start_step = state["step"]
+        report(f"resuming from {resume_from} (step {start_step} of {trainer.schedule.total_steps})")
+    final = trainer.fit(output, start_step)
+
+    if main:
+        metrics_log.close()
+        adapter = _save_policy(
+            accelerator.unwrap_model(trainer.policy).model,
+            tokenizer,
+            output / "policy",
+            keep_adapter=c.finetune == "lora" and not separate_reference and reference_path,
+        )
+        Manifest(
+            policy="policy",
+            reference=str(Path(reference_path).resolve()) if reference_path and Path(reference_path).exists()
+            else reference_path,
+            beta=c.beta,
+            adapter=adapter,
+            normalize="sum",
+            loss=c.loss,
+            tokenization=tokenization,
+            data_fingerprint=train_data.fingerprint(),
+            metrics=final,
+            provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dporm_version": __version__,
+                        "policy_init": model_path, "reference_weights_hash": ref_hash, "train_examples": len(train),
+                        "eval_examples": len(evaluation), "skipped_rows": len(train_data.skipped),
+                        "steps": trainer.schedule.total_steps, "processes": accelerator.num_processes,
+                        "reference_cache_hit": cache_hit, "wall_seconds": round(time.time() - started, 1),
+                        "config": c.to_dict()},
+        ).save(output)  # fmt: skip
+        plot_curves(log_file, output / "curves.png")
+        _summary(final)
+        print(output)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output
+
+
+def _save_policy(model, tokenizer, directory: Path, keep_adapter: bool) -> bool:
+    """The policy as a PEFT adapter over the reference, or as a full safetensors checkpoint."""
+    from dpo.lora import is_peft_model
+
+    if is_peft_model(model) and not keep_adapter:
+        model = model.merge_and_unload()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return is_peft_model(model)
+
+
+def _summary(final: dict) -> None:
+    for name, metrics in final.items():
+        acc = metrics.get("rewards/accuracies")
+        ci = ""
+        if "rewards/accuracies_ci95_low" in metrics:
+            ci = f" (95% CI {metrics['rewards/accuracies_ci95_low']:.3f}-{metrics['rewards/accuracies_ci95_high']:.3f})"
+        _say(f"{name}: loss {metrics['loss']:.4f}, accuracy {acc:.3f}{ci}, margin {metrics['rewards/margins']:.4f}")

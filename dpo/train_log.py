@@ -1,0 +1,72 @@
+"""Training metrics: one JSON line per logged step (``metrics.jsonl``), optional TensorBoard,
+and ``curves.png`` at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dpo.errors import DpormError
+
+CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "grad_norm")
+
+
+class MetricsLog:
+    """Appends ``{"step", "split", **metrics}`` lines. On resume, lines after ``resume_step`` (written
+    by the interrupted run after its last checkpoint) are dropped first."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise DpormError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{split}/{name}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_file: Path, png: Path) -> None:
+    """Train and eval curves of :data:`CURVES` against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_file)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    for ax, name in zip(axes.flat, CURVES, strict=True):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=split, markersize=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

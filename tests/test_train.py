@@ -1,0 +1,259 @@
+"""``dporm train`` end to end on a tiny Llama with the real SmolLM2 tokenizer (fast, CPU, fp32)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpo.batching import encode_examples
+from dpo.cli import main
+from dpo.logprobs import sequence_logprobs
+from dpo.manifest import Manifest
+from dpo.preference_data import load_preferences
+from dpo.train_log import read_metrics
+from tests.conftest import make_tiny_llama
+
+DATA = Path(__file__).parent / "data"
+PREFS, RANKINGS = str(DATA / "prefs.jsonl"), str(DATA / "rankings.jsonl")
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "grad_norm", "lr", "tokens/s")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model = make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512)
+    model.save_pretrained(path)
+    smollm_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def train(tiny_model_dir, output, *extra, data=PREFS):
+    args = [
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--warmup-ratio",
+        "0",
+        "--max-length",
+        "128",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
+    assert main(args) == 0
+    return Manifest.load(output)
+
+
+def trained_state(output) -> dict[str, torch.Tensor]:
+    policy = Path(output) / "policy"
+    files = ["adapter_model.safetensors"] if (policy / "adapter_model.safetensors").exists() else ["model.safetensors"]
+    return load_file(str(policy / files[0]))
+
+
+def test_lora_run_writes_artifact_metrics_and_curves(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    manifest = train(tiny_model_dir, out, "--max-steps", 3, "--eval-size", 4, "--tensorboard")
+    assert manifest.adapter and manifest.reference == str(Path(tiny_model_dir).resolve())
+    assert manifest.beta == 0.1 and manifest.loss == "sigmoid" and manifest.normalize == "sum"
+    assert manifest.tokenization["max_length"] == 128 and "im_start" in manifest.tokenization["chat_template"]
+    assert len(manifest.data_fingerprint) == 64 and manifest.provenance["train_examples"] == 16
+    assert (out / "policy" / "adapter_model.safetensors").exists() and (out / "curves.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").iterdir())
+    records = read_metrics(out / "metrics.jsonl")
+    train_rows = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(name in r for r in train_rows for name in METRICS)
+    assert train_rows[0]["loss"] == pytest.approx(0.693147, abs=1e-6)  # policy == reference at step 1
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["rewards/margins"] == 0.0
+    assert manifest.metrics["eval"]["rewards/accuracies_ci95_low"] <= manifest.metrics["eval"]["rewards/accuracies"]
+
+
+def test_logged_reward_is_the_reward_recomputed_from_the_artifact(tiny_model_dir, tmp_path, smollm_tokenizer):
+    """The guarantee: the artifact's policy and reference reproduce the rewards the trainer logged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    manifest = train(tiny_model_dir, out, "--max-steps", 2, "--eval-size", 4)
+    reference = AutoModelForCausalLM.from_pretrained(manifest.reference)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest.reference), out / "policy")
+    examples = load_preferences(PREFS).examples[-4:]
+    encoded = encode_examples(smollm_tokenizer, examples, manifest.tokenization["max_length"])
+    seqs = [c for ex in encoded for c in ex.completions]
+    with torch.no_grad():
+        rewards = manifest.beta * (sequence_logprobs(policy, seqs).logp - sequence_logprobs(reference, seqs).logp)
+    logged = manifest.metrics["eval"]
+    assert float(rewards[0::2].mean()) == pytest.approx(logged["rewards/chosen"], abs=1e-6)
+    assert float(rewards[1::2].mean()) == pytest.approx(logged["rewards/rejected"], abs=1e-6)
+    assert logged["rewards/chosen"] != 0.0
+
+
+def test_full_finetune_frozen_copy_equals_precomputed_reference_and_cache_is_reused(tiny_model_dir, tmp_path):
+    cache = tmp_path / "ref-cache"
+    common = ("--finetune", "full", "--max-steps", 2, "--lr", "1e-3", "--eval-size", 4)
+    frozen = train(tiny_model_dir, tmp_path / "frozen", *common)
+    first = train(tiny_model_dir, tmp_path / "pre1", *common, "--precompute-ref", "--ref-cache-dir", cache)
+    second = train(tiny_model_dir, tmp_path / "pre2", *common, "--precompute-ref", "--ref-cache-dir", cache)
+    assert not frozen.adapter and (tmp_path / "frozen" / "policy" / "model.safetensors").exists()
+    assert first.provenance["reference_cache_hit"] is False and second.provenance["reference_cache_hit"] is True
+    assert len(list(cache.iterdir())) == 1
+    for run in (first, second):
+        assert run.metrics["eval"]["loss"] == pytest.approx(frozen.metrics["eval"]["loss"], abs=1e-6)
+    a, b = trained_state(tmp_path / "frozen"), trained_state(tmp_path / "pre2")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Another tokenization setting is another cache entry.
+    train(tiny_model_dir, tmp_path / "pre3", *common, "--precompute-ref", "--ref-cache-dir", cache, "--max-length", 100)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_lora_adapter_off_reference_equals_precomputed(tiny_model_dir, tmp_path):
+    common = ("--max-steps", 2, "--eval-size", 4)
+    live = train(tiny_model_dir, tmp_path / "live", *common)
+    pre = train(tiny_model_dir, tmp_path / "pre", *common, "--precompute-ref", "--ref-cache-dir", tmp_path / "c")
+    assert pre.metrics["eval"]["loss"] == pytest.approx(live.metrics["eval"]["loss"], abs=1e-6)
+
+
+def test_reference_free_run_saves_a_merged_policy(tiny_model_dir, tmp_path):
+    manifest = train(tiny_model_dir, tmp_path / "run", "--max-steps", 1, "--reference-free")
+    assert manifest.reference is None and not manifest.adapter
+    assert (tmp_path / "run" / "policy" / "model.safetensors").exists()
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"], rel=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path):
+    big = train(tiny_model_dir, tmp_path / "big", "--max-steps", 2, "--batch-size", 8)
+    acc = train(tiny_model_dir, tmp_path / "acc", "--max-steps", 2, "--batch-size", 4, "--grad-accum", 2)
+    assert acc.metrics["train"]["loss"] == pytest.approx(big.metrics["train"]["loss"], abs=1e-6)
+    a, b = trained_state(tmp_path / "big"), trained_state(tmp_path / "acc")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path):
+    manifest = train(tiny_model_dir, tmp_path / "run", "--max-steps", 2, "--loss", "plackett_luce",
+                     "--batch-size", 2, data=RANKINGS)  # fmt: skip
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["pairs"] == 6  # 2 rankings of 3 responses: 3 pairs each, 3 sequences each
+    assert first["loss"] == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)  # log 3! at init
+    assert manifest.loss == "plackett_luce"
+
+
+def test_config_file_values_are_overridden_by_flags(tiny_model_dir, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text(f'model = "{tiny_model_dir}"\ndata = "{PREFS}"\nbeta = 0.5\nmax-steps = 1\nlr = 1e-3\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output", str(out), "--beta", "0.25", "--device", "cpu",
+                 "--max-length", "128"]) == 0  # fmt: skip
+    manifest = Manifest.load(out)
+    assert manifest.beta == 0.25 and manifest.provenance["config"]["lr"] == 1e-3
+
+
+def _run_cli(args, env=None, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "dpo.cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def _base_args(model, output):
+    output = str(output)
+    return ["train", "--model", model, "--data", PREFS, "--output", output, "--batch-size", "2", "--lr", "5e-3",
+            "--max-length", "128", "--device", "cpu", "--epochs", "3", "--save-every", "2", "--keep-checkpoints", "2",
+            "--lora-dropout", "0.1"]  # fmt: skip
+
+
+def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """SIGKILL after the first checkpoint, then --resume: same weights and loss as an uninterrupted run."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_base_args(tiny_model_dir, full)) == 0
+    proc = _run_cli(_base_args(tiny_model_dir, cut))
+    deadline = time.time() + 120
+    while not list((cut / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (cut / "dporm.json").exists()
+    assert main([*_base_args(tiny_model_dir, cut), "--resume"]) == 0
+    a, b = trained_state(full), trained_state(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_log, cut_log = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    assert [r["step"] for r in cut_log] == [r["step"] for r in full_log]  # lines after the checkpoint replaced
+    assert cut_log[-1]["loss"] == full_log[-1]["loss"]
+    assert len(list((cut / "checkpoints").glob("step-*"))) == 2
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    common = ["--model", tiny_model_dir, "--data", PREFS, "--lr", "5e-3", "--max-length", "128", "--device", "cpu",
+              "--max-steps", "3", "--warmup-ratio", "0"]  # fmt: skip
+    assert main(["train", *common, "--output", str(single), "--batch-size", "4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+              "-m", "dpo.cli", "train", *common, "--output", str(double), "--batch-size", "2"]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = trained_state(single), trained_state(double)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    m1, m2 = Manifest.load(single), Manifest.load(double)
+    assert m2.provenance["processes"] == 2
+    assert m2.metrics["train"]["loss"] == pytest.approx(m1.metrics["train"]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--reference-free", "--precompute-ref"], "--reference-free conflicts with --precompute-ref"),
+        (["--finetune", "full", "--lora-r", "8"], "--lora-r conflicts with --finetune"),
+        (["--loss", "hinge", "--label-smoothing", "0.1"], "--label-smoothing conflicts with --loss"),
+        (["--max-steps", "2", "--epochs", "2"], "--max-steps conflicts with --epochs"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_conflicting_options_name_the_conflict(tiny_model_dir, tmp_path, capsys, flags, message):
+    assert main(["train", "--model", tiny_model_dir, "--data", PREFS, "--output", str(tmp_path / "o"), *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_user_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "x", "rejected": "x"}\n')
+    cases = [
+        (["--data", str(bad)], "no usable preference rows"),
+        (["--data", PREFS, "--config", str(tmp_path / "missing.yaml")], "no such config file"),
+        (["--data", PREFS, "--resume"], "no checkpoint"),
+    ]
+    for flags, message in cases:
+        assert main(["train", "--model", tiny_model_dir, "--output", str(tmp_path / "o"), *flags]) == 1
+        assert message in capsys.readouterr().err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
+    assert main(["train", "--model", tiny_model_dir, "--data", PREFS, "--output", str(tmp_path / "used")]) == 1
+    assert "earlier run" in capsys.readouterr().err
+
+
+def test_help_documents_every_option(capsys):
+    from dataclasses import fields
+
+    from dpo.train_config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
