@@ -149,7 +149,16 @@ def run_train(given: dict) -> Path:
         if main:
             metrics_log.write(step, metrics, split)
 
-    trainer = Trainer(c, accelerator, policy, reference, train, evaluation, log)
+    trainer = Trainer(
+        c,
+        accelerator,
+        policy,
+        reference,
+        train,
+        evaluation,
+        log,
+        starts_at_reference=reference_path is not None and not separate_reference,
+    )
     start_step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, trainer.trainable(), trainer.optimizer, trainer.scheduler,
@@ -210,4 +219,8 @@ def _summary(final: dict) -> None:
         ci = ""
         if "rewards/accuracies_ci95_low" in metrics:
             ci = f" (95% CI {metrics['rewards/accuracies_ci95_low']:.3f}-{metrics['rewards/accuracies_ci95_high']:.3f})"
-        _say(f"{name}: loss {metrics['loss']:.4f}, accuracy {acc:.3f}{ci}, margin {metrics['rewards/margins']:.4f}")
+        _say(
+            f"{name}: loss {metrics['loss']:.4f}, reward accuracy {acc:.3f}{ci}, margin "
+            f"{metrics['rewards/margins']:.4f}; log π accuracy sum {metrics['logps/accuracies']:.3f}, "
+            f"mean {metrics['logps/mean_accuracies']:.3f}"
+        )

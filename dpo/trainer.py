@@ -25,7 +25,9 @@ from dpo.reference import Reference
 from dpo.train_config import TrainConfig
 
 STATS = ("loss", "units", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-         "logps/chosen", "logps/rejected", "tokens")  # fmt: skip
+         "logps/chosen", "logps/rejected", "logps/accuracies", "logps/mean_accuracies", "tokens")  # fmt: skip
+# logps/accuracies: share of pairs where log π(chosen) > log π(rejected), summed over response tokens
+# (mean_: per response token) -- the reference-free reward of the current policy.
 
 
 class PolicyScorer(torch.nn.Module):
@@ -69,7 +71,9 @@ def batch_loss(config: TrainConfig, batch: PreferenceBatch, logp: torch.Tensor, 
         stats = torch.stack([
             losses.detach().sum(), torch.tensor(float(losses.numel())), torch.tensor(float(ci.numel())),
             chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-            logp[ci].sum(), logp[ri].sum(), tokens.sum().float(),
+            logp[ci].sum(), logp[ri].sum(), (logp[ci] > logp[ri]).float().sum(),
+            (logp[ci] / tokens[ci].clamp(min=1) > logp[ri] / tokens[ri].clamp(min=1)).float().sum(),
+            tokens.sum().float(),
         ]).double().cpu()  # fmt: skip
     return losses.sum(), stats
 
@@ -78,7 +82,7 @@ def stats_to_metrics(stats: torch.Tensor) -> dict[str, float]:
     s = dict(zip(STATS, stats.tolist(), strict=True))
     pairs = max(s["pairs"], 1.0)
     out = {"loss": s["loss"] / max(s["units"], 1.0)}
-    for name in STATS[3:9]:
+    for name in STATS[3:11]:
         out[name] = s[name] / pairs
     out["pairs"], out["tokens"] = s["pairs"], s["tokens"]
     return out
@@ -117,7 +121,7 @@ def plan(config: TrainConfig, n_examples: int, processes: int) -> Schedule:
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator, policy: torch.nn.Module, reference: Reference,
                  train: Sequence[EncodedExample], evaluation: Sequence[EncodedExample],
-                 log: Callable[[int, dict, str], None]):  # fmt: skip
+                 log: Callable[[int, dict, str], None], starts_at_reference: bool = False):  # fmt: skip
         from transformers import get_scheduler
 
         self.config, self.accelerator = config, accelerator
@@ -136,6 +140,7 @@ class Trainer:
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step by us, not by accelerate
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.starts_at_reference = starts_at_reference  # step 0: policy == reference, rewards exactly 0
 
     # --- batches -----------------------------------------------------------------------------------
 
@@ -165,14 +170,17 @@ class Trainer:
 
     # --- steps -------------------------------------------------------------------------------------
 
-    def _forward(self, examples: Sequence[EncodedExample], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, examples: Sequence[EncodedExample], grad: bool, policy_is_reference: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         batch = collate(examples)
         device = self.accelerator.device
         tokens = torch.tensor([len(s.prompt_ids) + len(s.response_ids) for s in batch.seqs], device=device)
         response_tokens = torch.tensor([len(s.response_ids) for s in batch.seqs], device=device)
         with self.accelerator.autocast():
             ref_logp = self.reference(batch.seqs).to(device)
-            if grad:
+            if policy_is_reference:
+                logp = ref_logp
+            elif grad:
                 logp = self.policy(batch.seqs)
             else:
                 with torch.no_grad():
@@ -209,8 +217,9 @@ class Trainer:
         metrics["tokens/s"] = metrics["tokens"] / seconds
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        """Eval metrics over the whole eval set, sharded over processes; adds a 95% CI on accuracy."""
+    def evaluate(self, at_start: bool = False) -> dict[str, float]:
+        """Eval metrics over the whole eval set, sharded over processes; adds a 95% CI on accuracy.
+        At step 0, when the policy starts as the reference, one reference pass gives everything."""
         order = sorted(range(len(self.eval_set)), key=lambda i: -self.eval_set[i].tokens)
         size = self.config.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
@@ -219,7 +228,8 @@ class Trainer:
         start = time.perf_counter()
         self.policy.eval()
         for chunk in tqdm(mine, desc="eval", unit="batch", leave=False, disable=not self.accelerator.is_main_process):
-            stats += self._forward([self.eval_set[i] for i in chunk], grad=False)[1]
+            examples = [self.eval_set[i] for i in chunk]
+            stats += self._forward(examples, grad=False, policy_is_reference=at_start and self.starts_at_reference)[1]
         stats = self.accelerator.reduce(stats.to(self.accelerator.device), "sum").cpu()
         metrics = stats_to_metrics(stats)
         low, high = wilson_interval(metrics["rewards/accuracies"] * metrics["pairs"], metrics["pairs"])
@@ -240,7 +250,7 @@ class Trainer:
         c, acc, total = self.config, self.accelerator, self.schedule.total_steps
         final: dict[str, dict[str, float]] = {}
         if self.eval_set and start_step == 0:
-            final["eval_initial"] = self.evaluate()
+            final["eval_initial"] = self.evaluate(at_start=True)
             self.log(0, final["eval_initial"], "eval")
         bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not acc.is_main_process)
         for step in range(start_step, total):

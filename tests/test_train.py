@@ -99,6 +99,11 @@ def test_logged_reward_is_the_reward_recomputed_from_the_artifact(tiny_model_dir
     seqs = [c for ex in encoded for c in ex.completions]
     with torch.no_grad():
         rewards = manifest.beta * (sequence_logprobs(policy, seqs).logp - sequence_logprobs(reference, seqs).logp)
+    with torch.no_grad():
+        ref = sequence_logprobs(reference, seqs).logp
+    before = manifest.metrics["eval_initial"]  # computed from the reference alone
+    assert before["logps/accuracies"] == pytest.approx(float((ref[0::2] > ref[1::2]).float().mean()))
+    assert before["logps/chosen"] == pytest.approx(float(ref[0::2].mean()), abs=1e-4)
     logged = manifest.metrics["eval"]
     assert float(rewards[0::2].mean()) == pytest.approx(logged["rewards/chosen"], abs=1e-6)
     assert float(rewards[1::2].mean()) == pytest.approx(logged["rewards/rejected"], abs=1e-6)
