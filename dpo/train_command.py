@@ -71,7 +71,7 @@ def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
 
 def run_train(given: dict) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from dpo.default_model import cache_root
     from dpo.logprobs_command import resolve_model_path
@@ -82,7 +82,12 @@ def run_train(given: dict) -> Path:
     resume_from = _check_output(c, output)
     if resume_from is not None:
         _check_resumable(resume_from, c)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=c.mixed_precision)
+    # Buffers (rotary tables) are constants: broadcasting them would make no-grad passes collective.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=c.mixed_precision, kwargs_handlers=[ddp])
+    if accelerator.distributed_type.value == "DEEPSPEED" and c.grad_accum > 1:
+        raise DpormError("--grad-accum conflicts with DeepSpeed: its engine steps at every backward here; "
+                         "raise --batch-size or the process count instead")  # fmt: skip
     main = accelerator.is_main_process
     report = _say if main else (lambda msg: None)
     set_seed(c.seed)
@@ -115,13 +120,13 @@ def run_train(given: dict) -> Path:
 
     tokenization = {"chat_template": getattr(tokenizer, "chat_template", None), "max_length": c.max_length,
                     "allow_response_truncation": c.allow_response_truncation}  # fmt: skip
-    cache_hit = None
+    cache_hit, adapter_off = None, None
     if reference_path is None:
         reference = no_reference
     elif separate_reference:
         reference = model_reference(ref_model.requires_grad_(False))
     elif c.finetune == "lora":
-        reference = adapter_off_reference(policy)
+        reference = adapter_off = adapter_off_reference(policy)
     elif c.precompute_ref:
         reference = model_reference(model)  # the initial weights, used once before training
     else:
@@ -149,6 +154,8 @@ def run_train(given: dict) -> Path:
         if main:
             metrics_log.write(step, metrics, split)
 
+    if reference is adapter_off and not c.precompute_ref:
+        reference = None  # the trainer runs the policy with its adapter off through the wrapped module
     trainer = Trainer(
         c,
         accelerator,

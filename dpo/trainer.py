@@ -119,7 +119,7 @@ def plan(config: TrainConfig, n_examples: int, processes: int) -> Schedule:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, accelerator, policy: torch.nn.Module, reference: Reference,
+    def __init__(self, config: TrainConfig, accelerator, policy: torch.nn.Module, reference: Reference | None,
                  train: Sequence[EncodedExample], evaluation: Sequence[EncodedExample],
                  log: Callable[[int, dict, str], None], starts_at_reference: bool = False):  # fmt: skip
         from transformers import get_scheduler
@@ -139,6 +139,8 @@ class Trainer:
                                   num_training_steps=self.schedule.total_steps)  # fmt: skip
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
         self.scheduler = scheduler  # stepped once per optimizer step by us, not by accelerate
+        if reference is None:  # the policy with its adapter off, through the wrapped module (DDP/FSDP)
+            self.reference = self._adapter_off
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         self.starts_at_reference = starts_at_reference  # step 0: policy == reference, rewards exactly 0
 
@@ -170,6 +172,10 @@ class Trainer:
 
     # --- steps -------------------------------------------------------------------------------------
 
+    def _adapter_off(self, seqs) -> torch.Tensor:
+        with torch.no_grad():
+            return self.policy(seqs, adapter=False)
+
     def _forward(self, examples: Sequence[EncodedExample], grad: bool, policy_is_reference: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         batch = collate(examples)
@@ -184,7 +190,7 @@ class Trainer:
                 logp = self.policy(batch.seqs)
             else:
                 with torch.no_grad():
-                    logp = self.accelerator.unwrap_model(self.policy)(batch.seqs)
+                    logp = self.policy(batch.seqs)
         loss, stats = batch_loss(self.config, batch, logp, ref_logp, response_tokens)
         stats[-1] = float(tokens.sum())
         return loss, stats
@@ -223,13 +229,17 @@ class Trainer:
         order = sorted(range(len(self.eval_set)), key=lambda i: -self.eval_set[i].tokens)
         size = self.config.batch_size
         batches = [order[i : i + size] for i in range(0, len(order), size)]
-        mine = batches[self.accelerator.process_index :: self.accelerator.num_processes]
+        world = self.accelerator.num_processes
+        mine = batches[self.accelerator.process_index :: world]
+        mine += [None] * (math.ceil(len(batches) / world) - len(mine))  # same forward count on every process
         stats = torch.zeros(len(STATS), dtype=torch.float64)
         start = time.perf_counter()
         self.policy.eval()
         for chunk in tqdm(mine, desc="eval", unit="batch", leave=False, disable=not self.accelerator.is_main_process):
-            examples = [self.eval_set[i] for i in chunk]
-            stats += self._forward(examples, grad=False, policy_is_reference=at_start and self.starts_at_reference)[1]
+            examples = [self.eval_set[i] for i in (chunk or batches[0])]
+            part = self._forward(examples, grad=False, policy_is_reference=at_start and self.starts_at_reference)[1]
+            if chunk is not None:
+                stats += part
         stats = self.accelerator.reduce(stats.to(self.accelerator.device), "sum").cpu()
         metrics = stats_to_metrics(stats)
         low, high = wilson_interval(metrics["rewards/accuracies"] * metrics["pairs"], metrics["pairs"])
