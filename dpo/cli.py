@@ -71,6 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(run=_run_train)
+
+    from dpo.score_command import add_score_arguments
+
+    score = commands.add_parser(
+        "score",
+        help="rewards of a file of records, offline",
+        description="Score prompt/response or prompt/chosen/rejected records with a reward-model artifact "
+        "(or --policy/--reference/--beta): r = β·(log π − log π_ref) over response tokens. Pairs also get "
+        "the accuracy (chosen > rejected) with a 95% CI.",
+    )
+    add_score_arguments(score)
+    score.set_defaults(run=_run_score)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a reward-model artifact over HTTP",
+        description="Serve the DPO implicit reward: POST /v1/rewards, /v1/preference, /v1/rerank, /rerank (TEI); "
+        "GET /health, /ready, /info, /v1/models, /metrics; OpenAPI at /docs.",
+    )
+    from server.serve import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_run_serve)
     return parser
 
 
@@ -90,6 +113,18 @@ def _run_train(args: argparse.Namespace) -> None:
     from dpo.train_command import run_train
 
     run_train({k: v for k, v in vars(args).items() if k not in ("run", "command")})
+
+
+def _run_score(args: argparse.Namespace) -> None:
+    from dpo.score_command import run_score
+
+    run_score(args)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from server.serve import run_serve
+
+    run_serve(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,98 @@
+"""``dporm score``: rewards for a file of records, offline, through the scorer the server uses."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dpo.errors import DpormError
+from dpo.preference_data import load_rows
+from dpo.scorer import load_reward_model
+from dpo.trainer import wilson_interval
+
+
+def _fields(row: dict) -> tuple[str, ...] | None:
+    if not isinstance(row.get("prompt"), (str, list)):
+        return None
+    for fields in (("chosen", "rejected"), ("response",)):
+        if all(isinstance(row.get(f), str) for f in fields):
+            return fields
+    return None
+
+
+def run_score(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))
+    shapes = [_fields(r) for r in rows]
+    kind = next((f for f in shapes if f), None)
+    if kind is None:
+        raise DpormError(f"{args.data}: no record has 'prompt' with 'response' or 'chosen'/'rejected' strings")
+    usable = [i for i, f in enumerate(shapes) if f == kind]
+    if len(usable) < len(rows):
+        print(f"skipped {len(rows) - len(usable)} record(s) without {'/'.join(kind)}", file=sys.stderr)
+    model = load_reward_model(
+        args.artifact,
+        args.policy,
+        args.reference,
+        args.beta,
+        args.dtype,
+        args.device,
+        args.trust_remote_code,
+        args.allow_pickle,
+        normalize=args.normalize,
+    )
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(Path(args.output).open("w")) if args.output else None
+        wins = ties = pairs = 0
+        bar = tqdm(total=len(usable), desc="score", unit="row")
+        for start in range(0, len(usable), args.batch_size):
+            chunk = [rows[i] for i in usable[start : start + args.batch_size]]
+            seqs = [model.encode(r["prompt"], r[f], args.truncate or None) for r in chunk for f in kind]
+            results = model.score_encoded(seqs, None, args.reference_free)
+            for j in range(len(chunk)):
+                part = results[j * len(kind) : (j + 1) * len(kind)]
+                record = {"row": usable[start + j] + 1}
+                for f, r in zip(kind, part, strict=True):
+                    record[f"reward_{f}"] = r.reward
+                    record[f"logp_policy_{f}"], record[f"logp_ref_{f}"] = r.logp_policy, r.logp_ref
+                    record[f"tokens_{f}"], record[f"truncated_{f}"] = r.response_tokens, r.truncated
+                if len(kind) == 2:
+                    margin = part[0].reward - part[1].reward
+                    record["margin"], pairs = margin, pairs + 1
+                    wins, ties = wins + (margin > 0), ties + (margin == 0)
+                if out:
+                    out.write(json.dumps(record) + "\n")
+            bar.update(len(chunk))
+        bar.close()
+    if pairs:
+        low, high = wilson_interval(wins, pairs)
+        print(f"pairs {pairs}  accuracy {wins / pairs:.4f} (95% CI {low:.4f}-{high:.4f})  ties {ties}")
+    print(f"scored {len(usable)} record(s)" + (f" -> {args.output}" if args.output else ""))
+
+
+def add_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", nargs="?", help="artifact directory with dporm.json")
+    p.add_argument("--data", required=True, help="JSONL/JSON/Parquet/CSV, dataset dir or hub id")
+    p.add_argument("--split", default="train", help="dataset split (dataset dirs and hub ids)")
+    p.add_argument("--output", help="write one JSON line of rewards per record here")
+    p.add_argument("--policy", help="policy model (instead of an artifact)")
+    p.add_argument("--reference", help="reference model (with --policy; omit for reference-free)")
+    p.add_argument("--beta", type=float, help="β (with --policy)")
+    p.add_argument("--normalize", choices=("sum", "mean"), help="reward over response tokens (default: artifact's)")
+    p.add_argument("--reference-free", action="store_true", help="r = β·log π, ignoring the reference")
+    p.add_argument("--truncate", action="store_true", help="cut over-long responses instead of failing")
+    p.add_argument("--batch-size", type=int, default=8, help="records per forward batch (default 8)")
+    p.add_argument("--limit", type=int, help="score only the first N records")
+    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")

@@ -1,0 +1,245 @@
+"""The DPO implicit reward of (prompt, response) pairs, as trained:
+
+    r(x, y) = β · (Σ_t log π(y_t | x, y_<t) − Σ_t log π_ref(y_t | x, y_<t))      normalize="sum"
+    r(x, y) = the same divided by the number of response tokens                  normalize="mean"
+
+Reference-free scoring sets log π_ref = 0 (r = β·log π, ranked like RewardBench's reference-free
+modes). Sequences come from :func:`dpo.encoding.encode` and log-probs from
+:func:`dpo.logprobs.sequence_logprobs`: the code the trainer optimised. Reference log-probs are
+kept in an LRU cache keyed by token ids (a reference never changes while served).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpo.encoding import Encoded, Prompt, encode
+from dpo.errors import DpormError
+from dpo.logprobs import sequence_logprobs
+from dpo.manifest import NORMALIZATIONS, Manifest
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    logp_policy: float
+    logp_ref: float | None
+    prompt_tokens: int
+    response_tokens: int
+    truncated: bool
+    cached_ref: bool
+    token_rewards: list[float] | None = None
+
+
+class ReferenceCache:
+    """LRU map from token ids to the reference's per-token log-probs (thread-safe)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.hits, self.misses = capacity, 0, 0
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, seq: Encoded) -> torch.Tensor | None:
+        key = (seq.prompt_ids, seq.response_ids)
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, seq: Encoded, token_logps: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[(seq.prompt_ids, seq.response_ids)] = token_logps
+            self._items.move_to_end((seq.prompt_ids, seq.response_ids))
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+class RewardModel:
+    """A policy and its reference (or none), with the β and tokenization settings they were trained with.
+
+    ``reference`` is a model, ``"adapter"`` (the policy is a PEFT model whose disabled adapter is the
+    reference: one copy of the base weights) or ``None`` (reference-free).
+    """
+
+    def __init__(
+        self,
+        policy,
+        reference,
+        tokenizer,
+        beta: float,
+        normalize: str = "sum",
+        max_length: int | None = None,
+        allow_response_truncation: bool = False,
+        name: str = "dporm",
+        ref_cache_size: int = 4096,
+        info: dict | None = None,
+    ):
+        if normalize not in NORMALIZATIONS:
+            raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
+        self.beta, self.normalize, self.name = beta, normalize, name
+        self.max_length, self.allow_response_truncation = max_length, allow_response_truncation
+        self.ref_cache = ReferenceCache(ref_cache_size)
+        self.info = info or {}
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def encode(self, prompt: Prompt, response: str, allow_response_truncation: bool | None = None) -> Encoded:
+        allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
+        return encode(self.tokenizer, prompt, response, self.max_length, allow)
+
+    def _reference_token_logps(self, seqs: Sequence[Encoded]) -> tuple[list[torch.Tensor], list[bool]]:
+        cached = [self.ref_cache.get(s) for s in seqs]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            todo = [seqs[i] for i in missing]
+            if self.reference == "adapter":
+                with self.policy.disable_adapter():
+                    out = sequence_logprobs(self.policy, todo)
+            else:
+                out = sequence_logprobs(self.reference, todo)
+            for j, i in enumerate(missing):
+                cached[i] = out.per_token(j).cpu()
+                self.ref_cache.put(seqs[i], cached[i])
+        hits = [i not in set(missing) for i in range(len(seqs))]
+        return cached, hits
+
+    @torch.inference_mode()
+    def score_encoded(
+        self,
+        seqs: Sequence[Encoded],
+        normalize: str | None = None,
+        reference_free: bool = False,
+        token_rewards: bool = False,
+    ) -> list[RewardResult]:
+        """Rewards of already-encoded sequences; sequences sharing a prompt compute it once."""
+        normalize = normalize or self.normalize
+        if normalize not in NORMALIZATIONS:
+            raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        if not seqs:
+            return []
+        policy = sequence_logprobs(self.policy, seqs)
+        use_ref = self.has_reference and not reference_free
+        ref, hits = self._reference_token_logps(seqs) if use_ref else (None, [False] * len(seqs))
+        results = []
+        for i, seq in enumerate(seqs):
+            pol_tokens = policy.per_token(i).cpu()
+            ref_tokens = ref[i] if ref is not None else torch.zeros_like(pol_tokens)
+            per_token = self.beta * (pol_tokens - ref_tokens)
+            n = len(seq.response_ids)
+            # The trainer's formula in the trainer's precision: β·(Σ log π − Σ log π_ref) on float32 sums.
+            pol_sum, ref_sum = pol_tokens.sum(), ref_tokens.sum()
+            total = float(self.beta * (pol_sum - ref_sum))
+            results.append(
+                RewardResult(
+                    reward=total / max(n, 1) if normalize == "mean" else total,
+                    logp_policy=float(pol_sum),
+                    logp_ref=float(ref_sum) if ref is not None else None,
+                    prompt_tokens=len(seq.prompt_ids),
+                    response_tokens=n,
+                    truncated=seq.truncated,
+                    cached_ref=hits[i],
+                    token_rewards=per_token.tolist() if token_rewards else None,
+                )
+            )
+        return results
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], **options) -> list[RewardResult]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.score_encoded(seqs, **options)
+
+
+def _check_tokenizers(policy_dir: str, reference_dir: str, trust_remote_code: bool) -> None:
+    from dpo.models import load_tokenizer
+
+    a, b = load_tokenizer(policy_dir, trust_remote_code), load_tokenizer(reference_dir, trust_remote_code)
+    if a.get_vocab() != b.get_vocab():
+        raise DpormError(f"tokenizers differ: {policy_dir} and {reference_dir} do not share a vocabulary")
+    if getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
+        raise DpormError(f"chat templates differ between {policy_dir} and {reference_dir}")
+
+
+def load_reward_model(
+    artifact: str | None = None,
+    policy: str | None = None,
+    reference: str | None = None,
+    beta: float | None = None,
+    dtype: str = "float32",
+    device: str | None = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    ref_cache_size: int = 4096,
+    normalize: str | None = None,
+) -> RewardModel:
+    """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
+    from dpo.models import load_model, load_tokenizer, weights_hash
+
+    if artifact:
+        manifest = Manifest.load(artifact)
+        policy_path = manifest.resolve(artifact, manifest.policy)
+        reference_path = manifest.resolve(artifact, manifest.reference)
+        beta_value, adapter = manifest.beta, manifest.adapter
+        tokenization, name = manifest.tokenization, Path(artifact).resolve().name
+    else:
+        if not policy or beta is None:
+            raise DpormError(
+                "give an artifact directory, or --policy and --beta (and --reference unless reference-free)"
+            )
+        manifest, policy_path, reference_path, beta_value, adapter = None, policy, reference, beta, False
+        tokenization, name = {}, Path(policy).name
+    load = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(reference_path if adapter else policy_path, trust_remote_code)
+    template = tokenization.get("chat_template")
+    if template is not None and getattr(tokenizer, "chat_template", None) != template:
+        raise DpormError(f"{policy_path}: its chat template is not the one recorded in dporm.json")
+    if adapter:
+        from peft import PeftModel
+
+        base = load_model(reference_path, **load)
+        ref_hash = weights_hash(base)
+        policy_model = PeftModel.from_pretrained(base, policy_path).eval()
+        ref_model = "adapter"
+    else:
+        if reference_path:
+            _check_tokenizers(policy_path, reference_path, trust_remote_code)
+        policy_model = load_model(policy_path, **load)
+        ref_model = load_model(reference_path, **load) if reference_path else None
+        ref_hash = weights_hash(ref_model) if ref_model is not None else None
+    info = {
+        "policy": policy_path,
+        "reference": reference_path,
+        "adapter": adapter,
+        "reference_sha256": ref_hash,
+        "policy_sha256": weights_hash(policy_model),
+        "loss": manifest.loss if manifest else None,
+    }
+    return RewardModel(
+        policy_model,
+        ref_model,
+        tokenizer,
+        beta_value,
+        normalize or (manifest.normalize if manifest else "sum"),
+        tokenization.get("max_length"),
+        bool(tokenization.get("allow_response_truncation", False)),
+        name,
+        ref_cache_size,
+        info,
+    )

@@ -1,0 +1,338 @@
+"""The reward server: a thin FastAPI layer over :class:`dpo.scorer.RewardModel`.
+
+Routes: POST /v1/rewards, /v1/preference, /v1/rerank (Cohere/Jina/vLLM), /rerank (TEI);
+GET /health, /ready, /info, /v1/models, /metrics. Every error is ``{"error": {message, type, code}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dpo import __version__
+from dpo.encoding import Encoded
+from dpo.errors import EncodingError
+from dpo.scorer import RewardModel, RewardResult
+from server import schemas as s
+from server.batcher import Batcher, Job, QueueFull
+from server.metrics import ServerMetrics
+
+
+@dataclass
+class Limits:
+    max_items: int = 256
+    max_body_bytes: int = 4 << 20
+    max_batch_tokens: int = 8192
+    max_queue_requests: int = 256
+    max_queue_tokens: int = 1 << 20
+    request_timeout: float = 60.0
+    retry_after: int = 1
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, kind: str, headers: dict | None = None):
+        self.code, self.message, self.kind, self.headers = code, message, kind, headers
+
+
+def _error(code: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    body = s.ErrorResponse(error=s.ErrorDetail(message=message, type=kind, code=code))
+    return JSONResponse(body.model_dump(), status_code=code, headers=headers)
+
+
+class State:
+    """What the routes share: the model once loaded, the batcher, limits, metrics, drain flag."""
+
+    def __init__(self, limits: Limits, api_key: str | None):
+        self.limits, self.api_key, self.metrics = limits, api_key, ServerMetrics()
+        self.model: RewardModel | None = None
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self.load_error: str | None = None
+
+    def attach(self, model: RewardModel) -> None:
+        self.batcher = Batcher(
+            model,
+            self.limits.max_batch_tokens,
+            self.limits.max_queue_requests,
+            self.limits.max_queue_tokens,
+            self.metrics.observe,
+        )
+        self.model = model
+
+
+def create_app(state: State, loader=None) -> FastAPI:
+    """``loader`` (optional) builds the RewardModel in a background thread; /ready answers 503 until it is done."""
+
+    async def lifespan(app: FastAPI):
+        if loader is not None and state.model is None:
+
+            def load() -> None:
+                try:
+                    state.attach(loader())
+                except Exception as e:  # reported by /ready and /info
+                    state.load_error = f"{type(e).__name__}: {e}"
+
+            threading.Thread(target=load, name="dporm-loader", daemon=True).start()
+        yield
+        state.draining = True
+        if state.batcher is not None:
+            await asyncio.to_thread(state.batcher.stop)
+
+    app = FastAPI(
+        title="dporm reward server",
+        version=__version__,
+        lifespan=lifespan,
+        responses={code: {"model": s.ErrorResponse} for code in (401, 413, 422, 429, 503, 504)},
+    )
+    app.state.dporm = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(e.code, e.message, e.kind, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(
+            422,
+            f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request",
+            "invalid_request_error",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "http_error")
+
+    @app.middleware("http")
+    async def _count_and_limit(request: Request, call_next):
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.limits.max_body_bytes:
+            response = _error(413, f"request body over {state.limits.max_body_bytes} bytes", "request_too_large")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        if request.method == "POST":
+            state.metrics.latency.labels("total").observe(time.perf_counter() - start)
+        return response
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise ApiError(
+                401,
+                "missing or invalid API key (Authorization: Bearer <key>)",
+                "authentication_error",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    def ready_model() -> RewardModel:
+        if state.draining:
+            raise ApiError(503, "the server is shutting down", "unavailable", {"Retry-After": "5"})
+        if state.model is None:
+            raise ApiError(503, state.load_error or "the model is loading", "unavailable", {"Retry-After": "5"})
+        return state.model
+
+    def encode_all(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
+        if len(pairs) > state.limits.max_items:
+            raise ApiError(413, f"{len(pairs)} sequences; the limit is {state.limits.max_items}", "request_too_large")
+        start = time.perf_counter()
+        seqs = []
+        for i, (prompt, response) in enumerate(pairs):
+            try:
+                seq = model.encode(prompt, response, allow_response_truncation=truncate or None)
+            except EncodingError as e:
+                raise ApiError(
+                    413 if "max_length" in str(e) else 422,
+                    f"item {i}: {e}",
+                    "request_too_large" if "max_length" in str(e) else "invalid_request_error",
+                ) from None
+            if seq.truncated:
+                if not truncate:
+                    raise ApiError(
+                        413,
+                        f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
+                        "send truncate=true to cut the prompt from the left",
+                        "request_too_large",
+                    )
+                state.metrics.truncations.inc()
+            seqs.append(seq)
+        state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
+        return seqs
+
+    async def run(
+        request: Request, seqs: list[Encoded], options: s.ScoringOptions, token_rewards: bool = False
+    ) -> list[RewardResult]:
+        loop = asyncio.get_running_loop()
+        job = Job(seqs, options.reference_free, token_rewards, loop, loop.create_future())
+        try:
+            state.batcher.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(state.limits.retry_after)}) from None
+        deadline = loop.time() + state.limits.request_timeout
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ApiError(504, f"no result within {state.limits.request_timeout:g} s", "timeout_error")
+                done, _ = await asyncio.wait({job.future}, timeout=min(0.25, remaining))
+                if done:
+                    break
+                if await request.is_disconnected():
+                    raise ApiError(499, "client disconnected", "cancelled")
+        except BaseException:
+            job.cancelled = True
+            raise
+        results = job.future.result()
+        for r in results:
+            state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()
+        normalize = options.normalize or state.model.normalize
+        if normalize == "mean":
+            for r in results:
+                r.reward = r.reward / max(r.response_tokens, 1)
+        return results
+
+    def usage(results: list[RewardResult], shared_prompt: bool = False) -> s.Usage:
+        prompt = results[0].prompt_tokens if shared_prompt else sum(r.prompt_tokens for r in results)
+        total = prompt + sum(r.response_tokens for r in results)
+        cached = sum(r.prompt_tokens + r.response_tokens for r in results if r.cached_ref)
+        return s.Usage(prompt_tokens=prompt, total_tokens=total, cached_tokens=cached)
+
+    @app.post("/v1/rewards", response_model=s.RewardsResponse, dependencies=[Depends(authorize)])
+    async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
+        model = ready_model()
+        seqs = encode_all(model, [(it.conversation(), it.response) for it in body.items], body.truncate)
+        results = await run(request, seqs, body, body.return_token_rewards)
+        data = [
+            s.RewardData(
+                index=i,
+                reward=r.reward,
+                logp_policy=r.logp_policy,
+                logp_ref=r.logp_ref,
+                response_tokens=r.response_tokens,
+                truncated=r.truncated,
+                token_rewards=r.token_rewards,
+            )
+            for i, r in enumerate(results)
+        ]
+        return s.RewardsResponse(model=model.name, data=data, usage=usage(results))
+
+    @app.post("/v1/preference", response_model=s.PreferenceResponse, dependencies=[Depends(authorize)])
+    async def preference(body: s.PreferenceRequest, request: Request) -> s.PreferenceResponse:
+        model = ready_model()
+        pairs = [(p.conversation(), r) for p in body.pairs for r in (p.response_a, p.response_b)]
+        results = await run(request, encode_all(model, pairs, body.truncate), body)
+        data = []
+        for i in range(len(body.pairs)):
+            a, b = results[2 * i].reward, results[2 * i + 1].reward
+            data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=_sigmoid(a - b)))
+        return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
+
+    async def rank(request: Request, conversation, texts: list[str], options: s.ScoringOptions):
+        model = ready_model()
+        results = await run(request, encode_all(model, [(conversation, t) for t in texts], options.truncate), options)
+        order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
+        return model, results, order
+
+    @app.post("/v1/rerank", response_model=s.RerankResponse, dependencies=[Depends(authorize)])
+    async def rerank(body: s.RerankRequest, request: Request) -> s.RerankResponse:
+        texts = body.texts()
+        model, results, order = await rank(request, body.conversation(), texts, body)
+        top = order[: body.top_n] if body.top_n else order
+        out = [
+            s.RerankResult(
+                index=i,
+                relevance_score=results[i].reward,
+                document=s.Document(text=texts[i]) if body.return_documents else None,
+            )
+            for i in top
+        ]
+        return s.RerankResponse(
+            id=f"rerank-{uuid.uuid4().hex}", model=model.name, results=out, usage=usage(results, shared_prompt=True)
+        )
+
+    @app.post("/rerank", response_model=list[s.TEIRank], dependencies=[Depends(authorize)])
+    async def rerank_tei(body: s.TEIRerankRequest, request: Request) -> list[s.TEIRank]:
+        options = s.ScoringOptions(truncate=body.truncate)
+        _, results, order = await rank(request, body.query, body.texts, options)
+        return [
+            s.TEIRank(
+                index=i,
+                score=results[i].reward if body.raw_scores else _sigmoid(results[i].reward),
+                text=body.texts[i] if body.return_text else None,
+            )
+            for i in order
+        ]
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.draining or state.model is None:
+            why = "draining" if state.draining else ("failed: " + state.load_error if state.load_error else "loading")
+            return _error(503, f"not ready ({why})", "unavailable", {"Retry-After": "5"})
+        return {"status": "ready"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        m = state.model
+        limits = {k: v for k, v in vars(state.limits).items()}
+        if m is None:
+            return {"version": __version__, "ready": False, "load_error": state.load_error, "limits": limits}
+        return {
+            "version": __version__,
+            "ready": not state.draining,
+            "model": m.name,
+            "beta": m.beta,
+            "normalize": m.normalize,
+            "max_length": m.max_length,
+            "reference_free": not m.has_reference,
+            "models": m.info,
+            "device": str(m.device),
+            "dtype": str(next(m.policy.parameters()).dtype),
+            "reference_cache": {
+                "capacity": m.ref_cache.capacity,
+                "hits": m.ref_cache.hits,
+                "misses": m.ref_cache.misses,
+            },
+            "limits": limits,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        name = state.model.name if state.model else "loading"
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dporm"}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if state.batcher is not None:
+            requests, tokens = state.batcher.depth
+            state.metrics.queue_requests.set(requests)
+            state.metrics.queue_tokens.set(tokens)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))

@@ -1,0 +1,145 @@
+"""Dynamic batching: requests from the event loop, model compute on one worker thread.
+
+Jobs (one per HTTP request) wait in a queue bounded in requests and tokens (full: 429). The
+worker takes queued jobs up to a token budget, scores all their sequences together
+(sequences that share a prompt compute it once, across requests too), and resolves each
+job's future on the event loop. Cancelled jobs (client gone, timed out) are dropped unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from dpo.encoding import Encoded
+from dpo.scorer import RewardModel, RewardResult
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    seqs: list[Encoded]
+    reference_free: bool
+    token_rewards: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.seqs)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: RewardModel,
+        max_batch_tokens: int = 8192,
+        max_queue_requests: int = 256,
+        max_queue_tokens: int = 1 << 20,
+        observe=None,
+    ):
+        self.model, self.max_batch_tokens = model, max_batch_tokens
+        self.max_queue_requests, self.max_queue_tokens = max_queue_requests, max_queue_tokens
+        self.observe = observe or (lambda name, value: None)  # metrics hook: ("queue_seconds", s), ...
+        self._queue: deque[Job] = deque()
+        self._queued_tokens = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="dporm-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._queue), self._queued_tokens
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue_requests or self._queued_tokens + job.tokens > self.max_queue_tokens:
+                raise QueueFull(f"queue full ({len(self._queue)} requests, {self._queued_tokens} tokens)")
+            self._queue.append(job)
+            self._queued_tokens += job.tokens
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            batch, tokens = [], 0
+            while self._queue and (not batch or tokens + self._queue[0].tokens <= self.max_batch_tokens):
+                job = self._queue.popleft()
+                self._queued_tokens -= job.tokens
+                if not job.cancelled:
+                    batch.append(job)
+                    tokens += job.tokens
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            for reference_free in (False, True):
+                jobs = [j for j in batch if j.reference_free == reference_free]
+                if jobs:
+                    self._score(jobs, reference_free)
+
+    def _chunks(self, seqs: list[Encoded]) -> list[list[Encoded]]:
+        """Consecutive sequences up to the token budget (one over-long sequence goes alone)."""
+        out, current, tokens = [], [], 0
+        for s in seqs:
+            if current and tokens + len(s) > self.max_batch_tokens:
+                out.append(current)
+                current, tokens = [], 0
+            current.append(s)
+            tokens += len(s)
+        return out + ([current] if current else [])
+
+    def _score(self, jobs: list[Job], reference_free: bool) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            self.observe("queue_seconds", now - job.enqueued)
+        seqs = [s for job in jobs for s in job.seqs]
+        want_tokens = any(job.token_rewards for job in jobs)
+        try:
+            results: list[RewardResult] = []
+            for chunk in self._chunks(seqs):
+                start = time.perf_counter()
+                results += self.model.score_encoded(chunk, "sum", reference_free, want_tokens)
+                self.observe("forward_seconds", time.perf_counter() - start)
+                self.observe("batch_sequences", len(chunk))
+                self.observe("batch_tokens", sum(len(s) for s in chunk))
+        except Exception as e:  # the model failed: every job of the batch gets the error
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_set, job.future, None, e)
+            return
+        offset = 0
+        for job in jobs:
+            part = results[offset : offset + len(job.seqs)]
+            offset += len(job.seqs)
+            job.loop.call_soon_threadsafe(_set, job.future, part, None)
+
+
+def _set(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,298 @@
+"""Python client for the dporm reward server (needs only httpx and the standard library).
+
+Best-of-N sampling from another app::
+
+    from server.client import RewardClient
+    with RewardClient("http://localhost:8000") as rm:
+        i, best, reward = rm.best_of_n("Write a haiku about rain.", candidates)
+
+``RewardClient`` and ``AsyncRewardClient`` build requests and parse answers with the same code (a ``_Call``); the
+async one sends the requests of a batched call concurrently, at most ``max_concurrency`` at a time. 429, 503 and
+connection errors are retried after ``Retry-After`` seconds, or else with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass, fields
+from functools import partialmethod
+from typing import Any
+
+import httpx
+
+Prompt = str | list[dict[str, str]]  # a plain prompt, or chat messages [{"role": ..., "content": ...}]
+RewardItem = tuple[Prompt, str] | dict[str, Any]  # (prompt, response), or a dict in the server's item schema
+PreferencePair = tuple[Prompt, str, str] | dict[str, Any]  # (prompt, response_a, response_b), or a dict
+Doc = str | dict[str, str]  # a rerank document: "text" or {"text": "text"}
+
+RETRY_STATUS = frozenset({429, 503})
+MAX_BACKOFF = 30.0  # seconds, the cap on exponential backoff
+
+
+@dataclass(frozen=True)
+class Reward:
+    index: int
+    reward: float
+    logp_policy: float
+    logp_ref: float | None = None  # None when scored reference-free
+    response_tokens: int = 0
+    truncated: bool = False
+    token_rewards: list[float] | None = None  # per response token, when asked for
+
+
+@dataclass(frozen=True)
+class Preference:
+    index: int
+    reward_a: float
+    reward_b: float
+    margin: float
+    prob_a_over_b: float
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    index: int
+    relevance_score: float
+    document: str  # the document's text, filled in by the client
+
+
+class RewardServerError(Exception):
+    """An HTTP error answer from the server, parsed from ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(self, status: int, type: str | None, code: str | int | None, message: str):
+        super().__init__(f"HTTP {status} {type or 'error'}{f' ({code})' if code is not None else ''}: {message}")
+        self.status, self.type, self.code, self.message = status, type, code, message
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# request building and response parsing, shared by both clients
+def _prompt_fields(prompt: Prompt, key: str = "prompt") -> dict[str, Any]:
+    return {key: prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
+
+
+def _item(item: tuple | dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A (prompt, *texts) tuple as a request item, ``keys`` naming the texts; dicts pass through as they are."""
+    if isinstance(item, dict):
+        return dict(item)
+    prompt, *texts = item
+    return {**_prompt_fields(prompt), **dict(zip(keys, texts, strict=True))}
+
+
+def _parse(cls: type, d: dict[str, Any], offset: int) -> Any:
+    """A result dataclass from one answer row (unknown keys ignored), its index moved to the caller's numbering."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names} | {"index": offset + d["index"]})
+
+
+def _unwrap(response: httpx.Response) -> Any:
+    """The JSON body of a successful response; raises RewardServerError for an error one."""
+    if response.is_success:
+        return response.json()
+    try:
+        error = response.json()["error"]
+        type_, code, message = error.get("type"), error.get("code"), str(error["message"])
+    except (ValueError, KeyError, TypeError, AttributeError):  # not the error schema: keep the raw text
+        type_, code, message = None, None, response.text or response.reason_phrase
+    raise RewardServerError(response.status_code, type_, code, message)
+
+
+@dataclass
+class _Call:
+    """One client method, transport-free: the requests (method, path, JSON body) and how to fold their answers."""
+
+    requests: list[tuple[str, str, dict[str, Any] | None]]
+    fold: Callable[[list[Any]], Any]
+
+
+class _BaseClient:
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 5,
+                 backoff: float = 0.5, batch_size: int = 64, transport: Any = None):  # fmt: skip
+        assert batch_size >= 1 and max_retries >= 0, "batch_size must be >= 1 and max_retries >= 0"
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("DPORM_API_KEY")
+        self.max_retries, self.backoff, self.batch_size = max_retries, backoff, batch_size
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self._http = self._http_class(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def _retry_delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before the next try, or None to stop. ``response`` is None after a connection error."""
+        if attempt >= self.max_retries or (response is not None and response.status_code not in RETRY_STATUS):
+            return None
+        retry_after = None if response is None else response.headers.get("Retry-After")
+        try:
+            return max(0.0, float(retry_after))  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # no response, no header, or an HTTP-date: exponential backoff
+            return min(self.backoff * 2**attempt, MAX_BACKOFF)
+
+    def _batched(self, path: str, key: str, items: list[dict], options: dict, result: type) -> _Call:
+        """Items split into requests of ``batch_size``; the answers re-indexed to the caller's order."""
+        starts = range(0, len(items), self.batch_size)
+        requests = [("POST", path, {key: items[s : s + self.batch_size], **options}) for s in starts]
+
+        def fold(answers: list[Any]) -> list[Any]:
+            results = [_parse(result, d, s) for answer, s in zip(answers, starts, strict=True) for d in answer["data"]]
+            return sorted(results, key=lambda r: r.index)
+
+        return _Call(requests, fold)
+
+    def _rewards_call(self, items: Sequence[RewardItem], normalize: str, reference_free: bool, token_rewards: bool):
+        options = {"normalize": normalize, "reference_free": reference_free, "return_token_rewards": token_rewards}
+        return self._batched("/v1/rewards", "items", [_item(it, ("response",)) for it in items], options, Reward)
+
+    def _preference_call(self, pairs: Sequence[PreferencePair]) -> _Call:
+        items = [_item(pair, ("response_a", "response_b")) for pair in pairs]
+        return self._batched("/v1/preference", "pairs", items, {}, Preference)
+
+    def _rerank_call(self, query: Prompt, documents: Sequence[Doc], top_n: int | None) -> _Call:
+        """One request (the prompt is shared); results come back best first, with each document's text."""
+        texts = [doc if isinstance(doc, str) else doc["text"] for doc in documents]
+        body: dict[str, Any] = {**_prompt_fields(query, key="query"), "documents": list(documents)}
+        if top_n is not None:
+            body["top_n"] = top_n
+
+        def fold(answers: list[Any]) -> list[RerankResult]:
+            return [RerankResult(r["index"], r["relevance_score"], texts[r["index"]]) for r in answers[0]["results"]]
+
+        return _Call([("POST", "/v1/rerank", body)], fold)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the two clients: only the transport differs
+class RewardClient(_BaseClient, AbstractContextManager):
+    """Synchronous client. ``sleep`` waits between retries and polls (replace it on an instance in tests)."""
+
+    _http_class = httpx.Client
+    sleep = staticmethod(time.sleep)
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, json=body)
+                if (delay := self._retry_delay(attempt, response)) is None:
+                    return _unwrap(response)
+            except httpx.TransportError:
+                if (delay := self._retry_delay(attempt, None)) is None:
+                    raise
+            self.sleep(delay)
+
+    def _run(self, call: _Call) -> Any:
+        return call.fold([self._send(*request) for request in call.requests])
+
+    def rewards(
+        self, items: Sequence[RewardItem], normalize: str = "sum", reference_free: bool = False,
+        return_token_rewards: bool = False,
+    ) -> list[Reward]:  # fmt: skip
+        """One Reward per ``(prompt, response)`` item (``prompt`` a string or chat messages), in the order given."""
+        return self._run(self._rewards_call(items, normalize, reference_free, return_token_rewards))
+
+    def preference(self, pairs: Sequence[PreferencePair]) -> list[Preference]:
+        """One Preference per ``(prompt, response_a, response_b)`` pair, in the order given."""
+        return self._run(self._preference_call(pairs))
+
+    def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None) -> list[RerankResult]:
+        """The documents scored as responses to ``query`` (a string or chat messages), best first."""
+        return self._run(self._rerank_call(query, documents, top_n))
+
+    def best_of_n(self, prompt: Prompt, candidates: Sequence[str]) -> tuple[int, str, float]:
+        """(index, text, reward) of the candidate response with the highest reward."""
+        best = self.rerank(prompt, candidates, top_n=1)[0]
+        return best.index, best.document, best.relevance_score
+
+    def info(self) -> dict[str, Any]:
+        return self._send("GET", "/info", None)
+
+    def _probe(self, path: str) -> bool:
+        try:
+            return self._http.get(path).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    health = partialmethod(_probe, "/health")  # -> bool
+    ready = partialmethod(_probe, "/ready")  # -> bool (False while the server loads or drains)
+
+    def wait_until_ready(self, timeout: float = 300.0, interval: float = 1.0) -> None:
+        """Polls ``/ready`` every ``interval`` seconds; raises TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.base_url} not ready after {timeout:g}s")
+            self.sleep(interval)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
+    """Asyncio client: batched calls go out concurrently, at most ``max_concurrency`` requests at a time."""
+
+    _http_class = httpx.AsyncClient
+    asleep = staticmethod(asyncio.sleep)
+
+    def __init__(self, base_url: str, *args: Any, max_concurrency: int = 4, **kwargs: Any):
+        super().__init__(base_url, *args, **kwargs)
+        self._limit = asyncio.Semaphore(max_concurrency)
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        for attempt in range(self.max_retries + 1):
+            try:
+                async with self._limit:  # held while the request is in flight, not while backing off
+                    response = await self._http.request(method, path, json=body)
+                if (delay := self._retry_delay(attempt, response)) is None:
+                    return _unwrap(response)
+            except httpx.TransportError:
+                if (delay := self._retry_delay(attempt, None)) is None:
+                    raise
+            await self.asleep(delay)
+
+    async def _run(self, call: _Call) -> Any:
+        return call.fold(await asyncio.gather(*(self._send(*request) for request in call.requests)))
+
+    async def rewards(
+        self, items: Sequence[RewardItem], normalize: str = "sum", reference_free: bool = False,
+        return_token_rewards: bool = False,
+    ) -> list[Reward]:  # fmt: skip
+        return await self._run(self._rewards_call(items, normalize, reference_free, return_token_rewards))
+
+    async def preference(self, pairs: Sequence[PreferencePair]) -> list[Preference]:
+        return await self._run(self._preference_call(pairs))
+
+    async def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None) -> list[RerankResult]:
+        return await self._run(self._rerank_call(query, documents, top_n))
+
+    async def best_of_n(self, prompt: Prompt, candidates: Sequence[str]) -> tuple[int, str, float]:
+        best = (await self.rerank(prompt, candidates, top_n=1))[0]
+        return best.index, best.document, best.relevance_score
+
+    async def info(self) -> dict[str, Any]:
+        return await self._send("GET", "/info", None)
+
+    async def _probe(self, path: str) -> bool:
+        try:
+            return (await self._http.get(path)).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    health = partialmethod(_probe, "/health")
+    ready = partialmethod(_probe, "/ready")
+
+    async def wait_until_ready(self, timeout: float = 300.0, interval: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self.ready():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.base_url} not ready after {timeout:g}s")
+            await self.asleep(interval)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the reward server, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dporm_requests", "HTTP requests by endpoint and status code", ["endpoint", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "dporm_phase_seconds",
+            "Time per request phase (tokenize, queue, forward, total)",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_requests = Gauge("dporm_queue_requests", "Requests waiting for the model", registry=r)
+        self.queue_tokens = Gauge("dporm_queue_tokens", "Tokens waiting for the model", registry=r)
+        self.batch_sequences = Histogram(
+            "dporm_batch_sequences",
+            "Sequences per forward batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "dporm_batch_tokens",
+            "Tokens per forward batch",
+            buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768),
+            registry=r,
+        )
+        self.ref_cache = Counter("dporm_reference_cache", "Reference log-prob cache lookups", ["result"], registry=r)
+        self.truncations = Counter("dporm_truncations", "Sequences truncated to fit max_length", registry=r)
+
+    def observe(self, name: str, value: float) -> None:
+        """Hook for the batcher's worker thread."""
+        if name == "queue_seconds":
+            self.latency.labels("queue").observe(value)
+        elif name == "forward_seconds":
+            self.latency.labels("forward").observe(value)
+        elif name == "batch_sequences":
+            self.batch_sequences.observe(value)
+        elif name == "batch_tokens":
+            self.batch_tokens.observe(value)

@@ -1,0 +1,159 @@
+"""Request and response schemas of the reward server (pydantic; OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class _Prompted(BaseModel):
+    """``prompt`` is one user message (chat template applied); ``messages`` is the conversation before the response."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        return self
+
+    def conversation(self) -> str | list[dict[str, str]]:
+        return self.prompt if self.prompt is not None else [m.model_dump() for m in self.messages]
+
+
+class ScoringOptions(BaseModel):
+    normalize: Literal["sum", "mean"] | None = Field(None, description="default: the artifact's")
+    reference_free: bool = Field(False, description="r = β·log π (no reference)")
+    truncate: bool = Field(False, description="cut over-long sequences instead of answering 413")
+
+
+class RewardItem(_Prompted):
+    response: str
+
+
+class RewardsRequest(ScoringOptions):
+    model_config = ConfigDict(extra="forbid")
+    items: list[RewardItem] = Field(min_length=1)
+    return_token_rewards: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    cached_tokens: int
+
+
+class RewardData(BaseModel):
+    index: int
+    reward: float
+    logp_policy: float
+    logp_ref: float | None
+    response_tokens: int
+    truncated: bool
+    token_rewards: list[float] | None = None
+
+
+class RewardsResponse(BaseModel):
+    model: str
+    data: list[RewardData]
+    usage: Usage
+
+
+class PreferencePair(_Prompted):
+    response_a: str
+    response_b: str
+
+
+class PreferenceRequest(ScoringOptions):
+    model_config = ConfigDict(extra="forbid")
+    pairs: list[PreferencePair] = Field(min_length=1)
+
+
+class PreferenceData(BaseModel):
+    index: int
+    reward_a: float
+    reward_b: float
+    margin: float
+    prob_a_over_b: float = Field(description="Bradley–Terry: σ(reward_a − reward_b)")
+
+
+class PreferenceResponse(BaseModel):
+    model: str
+    data: list[PreferenceData]
+    usage: Usage
+
+
+class Document(BaseModel):
+    text: str
+
+
+class RerankRequest(ScoringOptions):
+    """Cohere/Jina/vLLM rerank: the query is the prompt, documents are candidate responses."""
+
+    query: str | None = None
+    messages: list[Message] | None = None
+    documents: list[str | Document] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        if (self.query is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'query' or 'messages'")
+        return self
+
+    def conversation(self) -> str | list[dict[str, str]]:
+        return self.query if self.query is not None else [m.model_dump() for m in self.messages]
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: Document | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+
+
+class TEIRerankRequest(BaseModel):
+    """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI."""
+
+    query: str
+    texts: list[str] = Field(min_length=1)
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool = False
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

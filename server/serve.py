@@ -1,0 +1,98 @@
+"""``dporm serve``: uvicorn around the app; SIGTERM drains (/ready → 503, in-flight requests finish, exit 0)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+import uvicorn
+
+from dpo.errors import DpormError
+from server.app import Limits, State, create_app
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: State, drain_seconds: float):
+        super().__init__(config)
+        self.state, self.drain_seconds = state, drain_seconds
+
+    def handle_exit(self, sig, frame) -> None:
+        first = not self.state.draining
+        self.state.draining = True  # load balancers see /ready 503 and stop sending
+        if first and self.drain_seconds > 0:
+            threading.Timer(self.drain_seconds, self._exit, (sig, frame)).start()
+        else:
+            self._exit(sig, frame)
+
+    def _exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit (code 0).
+        self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from dpo.manifest import Manifest
+    from dpo.models import resolve_device, resolve_dtype
+    from dpo.scorer import load_reward_model
+
+    resolve_dtype(args.dtype), resolve_device(args.device)
+    if args.artifact:
+        Manifest.load(args.artifact)  # a bad directory fails here, in one line, before the server starts
+    elif not args.policy or args.beta is None:
+        raise DpormError("give an artifact directory, or --policy and --beta (and --reference)")
+    limits = Limits(
+        max_items=args.max_items,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_queue_requests=args.max_queue_requests,
+        max_queue_tokens=args.max_queue_tokens,
+        request_timeout=args.request_timeout,
+    )
+    state = State(limits, args.api_key or os.environ.get("DPORM_API_KEY") or None)
+
+    def loader():
+        return load_reward_model(
+            args.artifact,
+            args.policy,
+            args.reference,
+            args.beta,
+            args.dtype,
+            args.device,
+            args.trust_remote_code,
+            args.allow_pickle,
+            args.ref_cache_size,
+        )
+
+    config = uvicorn.Config(
+        create_app(state, loader),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.request_timeout + 5,
+    )
+    DrainingServer(config, state, args.drain_seconds).run()
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", nargs="?", help="artifact directory with dporm.json (from dporm train or extract)")
+    p.add_argument("--policy", help="policy model (instead of an artifact)")
+    p.add_argument("--reference", help="reference model (with --policy; omit for reference-free)")
+    p.add_argument("--beta", type=float, help="β (with --policy)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference routes (or $DPORM_API_KEY)")
+    p.add_argument("--max-items", type=int, default=256, help="sequences per request (413 above; default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="request body limit (413; default 4 MiB)")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget of one forward batch")
+    p.add_argument("--max-queue-requests", type=int, default=256, help="queued requests before 429")
+    p.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="queued tokens before 429")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504 (default 60)")
+    p.add_argument("--ref-cache-size", type=int, default=4096, help="reference log-prob LRU entries (0 = off)")
+    p.add_argument("--drain-seconds", type=float, default=0.0, help="on SIGTERM, answer /ready 503 this long first")
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")

@@ -1,0 +1,327 @@
+"""The reward server on tiny Llamas: every endpoint, every error code, auth, batching, shutdown."""
+
+import asyncio
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from dpo.encoding import encode
+from dpo.logprobs import sequence_logprobs
+from dpo.manifest import Manifest
+from dpo.scorer import load_reward_model
+from server.app import Limits, State, create_app
+from tests.conftest import make_tiny_llama
+
+PROMPT = "Tell me one fact about the moon."
+RESPONSES = ["The moon orbits the Earth.", "No.", "It is made of rock and dust, and it has no air."]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm_tokenizer):
+    root = tmp_path_factory.mktemp("artifact")
+    for name, seed in (("policy", 1), ("reference", 0)):
+        make_tiny_llama(seed=seed, vocab_size=len(smollm_tokenizer), max_position_embeddings=512).save_pretrained(
+            root / name
+        )
+        smollm_tokenizer.save_pretrained(root / name)
+    tokenization = {"chat_template": smollm_tokenizer.chat_template, "max_length": 128}
+    Manifest("policy", "reference", beta=0.5, tokenization=tokenization).save(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reward_model(artifact):
+    return load_reward_model(str(artifact), device="cpu")
+
+
+def make_client(reward_model, **limits) -> TestClient:
+    api_key = limits.pop("api_key", None)
+    state = State(Limits(**limits), api_key)
+    state.attach(reward_model)
+    return TestClient(create_app(state))
+
+
+@pytest.fixture
+def client(reward_model):
+    with make_client(reward_model) as c:
+        yield c
+
+
+def expected_reward(artifact, tokenizer, prompt, response, normalize="sum"):
+    from transformers import AutoModelForCausalLM
+
+    seq = encode(tokenizer, prompt, response, 128)
+    with torch.no_grad():
+        pol = sequence_logprobs(AutoModelForCausalLM.from_pretrained(artifact / "policy"), [seq]).logp
+        ref = sequence_logprobs(AutoModelForCausalLM.from_pretrained(artifact / "reference"), [seq]).logp
+    r = 0.5 * float(pol - ref)
+    return r / len(seq.response_ids) if normalize == "mean" else r
+
+
+def test_rewards_is_the_definition(client, artifact, smollm_tokenizer):
+    items = [{"prompt": PROMPT, "response": r} for r in RESPONSES]
+    body = client.post("/v1/rewards", json={"items": items, "return_token_rewards": True}).json()
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    for d, response in zip(body["data"], RESPONSES, strict=True):
+        assert d["reward"] == pytest.approx(expected_reward(artifact, smollm_tokenizer, PROMPT, response), abs=1e-4)
+        assert d["reward"] == pytest.approx(0.5 * (d["logp_policy"] - d["logp_ref"]), abs=1e-5)
+        assert sum(d["token_rewards"]) == pytest.approx(d["reward"], abs=1e-4)  # fp32 sums in another order
+        assert len(d["token_rewards"]) == d["response_tokens"] and not d["truncated"]
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + sum(d["response_tokens"] for d in body["data"])
+    mean = client.post("/v1/rewards", json={"items": items[:1], "normalize": "mean"}).json()["data"][0]
+    assert mean["reward"] == pytest.approx(body["data"][0]["reward"] / body["data"][0]["response_tokens"], rel=1e-6)
+    free = client.post("/v1/rewards", json={"items": items[:1], "reference_free": True}).json()["data"][0]
+    assert free["logp_ref"] is None and free["reward"] == pytest.approx(0.5 * free["logp_policy"], rel=1e-6)
+    again = client.post("/v1/rewards", json={"items": items}).json()
+    assert again["usage"]["cached_tokens"] == again["usage"]["total_tokens"]  # reference log-probs cached
+
+
+def test_messages_equal_prompt_for_one_user_turn(client):
+    a = client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Yes."}]}).json()
+    msgs = [{"role": "user", "content": PROMPT}]
+    b = client.post("/v1/rewards", json={"items": [{"messages": msgs, "response": "Yes."}]}).json()
+    assert a["data"][0]["reward"] == b["data"][0]["reward"]
+
+
+def test_preference_is_bradley_terry(client):
+    body = client.post(
+        "/v1/preference", json={"pairs": [{"prompt": PROMPT, "response_a": RESPONSES[0], "response_b": RESPONSES[1]}]}
+    ).json()
+    d = body["data"][0]
+    assert d["margin"] == pytest.approx(d["reward_a"] - d["reward_b"])
+    assert d["prob_a_over_b"] == pytest.approx(1 / (1 + math.exp(-d["margin"])))
+
+
+def test_rerank_sorts_by_reward_and_shares_the_prompt(client):
+    rewards = client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": r} for r in RESPONSES]})
+    by_index = [d["reward"] for d in rewards.json()["data"]]
+    docs = [RESPONSES[0], {"text": RESPONSES[1]}, RESPONSES[2]]
+    body = client.post("/v1/rerank", json={"query": PROMPT, "documents": docs, "return_documents": True}).json()
+    assert [r["index"] for r in body["results"]] == sorted(range(3), key=lambda i: -by_index[i])
+    assert [r["relevance_score"] for r in body["results"]] == pytest.approx(sorted(by_index, reverse=True), abs=1e-5)
+    assert body["results"][0]["document"]["text"] == RESPONSES[body["results"][0]["index"]]
+    assert (
+        body["id"].startswith("rerank-") and body["usage"]["prompt_tokens"] < rewards.json()["usage"]["prompt_tokens"]
+    )
+    top = client.post(
+        "/v1/rerank", json={"messages": [{"role": "user", "content": PROMPT}], "documents": docs, "top_n": 1}
+    ).json()
+    assert len(top["results"]) == 1 and top["results"][0]["document"] is None
+    tei = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES, "raw_scores": True, "return_text": True})
+    assert [r["index"] for r in tei.json()] == [r["index"] for r in body["results"]]
+    squashed = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES}).json()
+    assert all(0 < r["score"] < 1 and r["text"] is None for r in squashed)
+
+
+def test_probes_info_models_metrics(client):
+    assert client.get("/health").json() == {"status": "ok"} and client.get("/ready").status_code == 200
+    info = client.get("/info").json()
+    assert info["beta"] == 0.5 and len(info["models"]["reference_sha256"]) == 64 and info["limits"]["max_items"] == 256
+    assert client.get("/v1/models").json()["data"][0]["id"] == "artifact0"
+    client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Hi."}]})
+    text = client.get("/metrics").text
+    for name in (
+        "dporm_requests_total",
+        'dporm_phase_seconds_bucket{le="0.005",phase="forward"}',
+        "dporm_batch_tokens",
+        "dporm_reference_cache_total",
+        "dporm_queue_requests",
+    ):
+        assert name in text
+    assert client.get("/openapi.json").json()["paths"]["/v1/rerank"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"items": [{"prompt": PROMPT}]}, 422),
+        ({"items": [{"prompt": PROMPT, "messages": [], "response": "x"}]}, 422),
+        ({"items": []}, 422),
+        ({"items": [{"prompt": PROMPT, "response": "x"}], "normalize": "max"}, 422),
+        ({"items": [{"prompt": PROMPT, "response": "x"}] * 257}, 413),
+        ({"items": [{"prompt": PROMPT, "response": "word " * 300}]}, 413),
+        ({"items": [{"prompt": "word " * 300, "response": "x"}]}, 413),
+    ],
+)
+def test_errors_share_one_schema(client, body, code):
+    response = client.post("/v1/rewards", json=body)
+    assert response.status_code == code
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_truncate_cuts_the_prompt_instead_of_413(client):
+    body = client.post("/v1/rewards", json={"items": [{"prompt": "word " * 300, "response": "x"}], "truncate": True})
+    assert body.status_code == 200 and body.json()["data"][0]["truncated"]
+
+
+def test_body_limit_queue_full_and_timeout(reward_model):
+    with make_client(reward_model, max_body_bytes=100) as c:
+        big = c.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "x" * 200}]})
+        assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"
+    with make_client(reward_model, max_queue_requests=0) as c:
+        full = c.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "x"}]})
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    with make_client(reward_model, request_timeout=1e-9) as c:
+        late = c.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "x"}]})
+        assert late.status_code == 504 and late.json()["error"]["type"] == "timeout_error"
+
+
+def test_api_key(reward_model):
+    with make_client(reward_model, api_key="s3cret") as c:
+        item = {"items": [{"prompt": PROMPT, "response": "x"}]}
+        assert c.post("/v1/rewards", json=item).status_code == 401
+        assert c.post("/v1/rewards", json=item, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/v1/rewards", json=item, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 401
+        assert c.get("/health").status_code == 200  # probes stay open
+
+
+def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model):
+    state = State(Limits(), None)
+    state.attach(reward_model)
+    app = create_app(state)
+    bodies = [{"items": [{"prompt": f"Question {i}?", "response": RESPONSES[i % 3]}]} for i in range(12)]
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            together = await asyncio.gather(*(c.post("/v1/rewards", json=b) for b in bodies))
+            alone = [await c.post("/v1/rewards", json=b) for b in bodies]
+        return together, alone
+
+    reward_model.ref_cache._items.clear()
+    together, alone = asyncio.run(go())
+    for a, b in zip(together, alone, strict=True):
+        assert a.json()["data"][0]["reward"] == pytest.approx(b.json()["data"][0]["reward"], abs=1e-5)
+    batched = state.metrics.batch_sequences.collect()[0].samples
+    count = next(x.value for x in batched if x.name.endswith("_count"))
+    assert count < 24  # 24 requests, fewer forward batches: concurrent ones were merged
+    state.batcher.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_and_exits_zero(artifact):
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpo.cli",
+        "serve",
+        str(artifact),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--drain-seconds",
+        "1.5",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        item = {"items": [{"prompt": PROMPT, "response": "x"}]}
+        assert httpx.post(url + "/v1/rewards", json=item).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(url + "/ready").status_code == 503  # draining, still answering
+        assert httpx.post(url + "/v1/rewards", json=item).status_code == 503
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_serve_rejects_a_bad_artifact_in_one_line(tmp_path, capsys):
+    from dpo.cli import main
+
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not a dporm artifact" in capsys.readouterr().err
+
+
+def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
+    from dpo.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(f'{{"prompt": "{PROMPT}", "chosen": "{RESPONSES[0]}", "rejected": "{RESPONSES[1]}"}}\n')
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(artifact), "--data", str(data), "--output", str(out), "--device", "cpu"]) == 0
+    import json
+
+    row = json.loads(out.read_text())
+    served = client.post(
+        "/v1/preference", json={"pairs": [{"prompt": PROMPT, "response_a": RESPONSES[0], "response_b": RESPONSES[1]}]}
+    ).json()["data"][0]
+    assert row["reward_chosen"] == pytest.approx(served["reward_a"], abs=1e-6)
+    assert row["margin"] == pytest.approx(served["margin"], abs=1e-6)
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_served_reward_equals_the_trainers_logged_reward(tmp_path, smollm_tokenizer):
+    """Train a tiny artifact, serve it, and recover the trainer's eval rewards from the server."""
+    from dpo.cli import main
+    from dpo.preference_data import load_preferences
+
+    model_dir = tmp_path / "base"
+    make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512).save_pretrained(model_dir)
+    smollm_tokenizer.save_pretrained(model_dir)
+    prefs = Path(__file__).parent / "data" / "prefs.jsonl"
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(prefs),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--eval-size",
+                "4",
+                "--lr",
+                "5e-3",
+                "--max-length",
+                "128",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    logged = Manifest.load(out).metrics["eval"]
+    state = State(Limits(), None)
+    state.attach(load_reward_model(str(out), device="cpu"))
+    pairs = [
+        {"prompt": ex.prompt, "response_a": ex.responses[0], "response_b": ex.responses[1]}
+        for ex in load_preferences(str(prefs)).examples[-4:]
+    ]
+    with TestClient(create_app(state)) as c:
+        data = c.post("/v1/preference", json={"pairs": pairs}).json()["data"]
+    assert sum(d["reward_a"] for d in data) / 4 == pytest.approx(logged["rewards/chosen"], abs=1e-6)
+    assert sum(d["reward_b"] for d in data) / 4 == pytest.approx(logged["rewards/rejected"], abs=1e-6)
