@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.errors import DpormError
+from dpo.errors import DpormError, EncodingError
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
 from dpo.trainer import wilson_interval
@@ -50,13 +50,26 @@ def run_score(args: argparse.Namespace) -> None:
         args.allow_pickle,
         normalize=args.normalize,
     )
+    encoded, failed = {}, []
+    for i in usable:
+        try:
+            encoded[i] = [model.encode(rows[i]["prompt"], rows[i][f], args.truncate or None) for f in kind]
+        except EncodingError as e:
+            failed.append(f"{i + 1} ({e})")
+    if failed:
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        print(f"skipped {len(failed)} record(s) that cannot be encoded (--truncate cuts them): "
+              f"{'; '.join(failed[:3])}{more}", file=sys.stderr)  # fmt: skip
+    usable = [i for i in usable if i in encoded]
+    if not usable:
+        raise DpormError("no record could be encoded")
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(Path(args.output).open("w")) if args.output else None
         wins = ties = pairs = 0
         bar = tqdm(total=len(usable), desc="score", unit="row")
         for start in range(0, len(usable), args.batch_size):
             chunk = [rows[i] for i in usable[start : start + args.batch_size]]
-            seqs = [model.encode(r["prompt"], r[f], args.truncate or None) for r in chunk for f in kind]
+            seqs = [seq for i in usable[start : start + args.batch_size] for seq in encoded[i]]
             results = model.score_encoded(seqs, None, args.reference_free)
             for j in range(len(chunk)):
                 part = results[j * len(kind) : (j + 1) * len(kind)]

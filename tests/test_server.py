@@ -266,7 +266,11 @@ def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
     from dpo.cli import main
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text(f'{{"prompt": "{PROMPT}", "chosen": "{RESPONSES[0]}", "rejected": "{RESPONSES[1]}"}}\n')
+    long = "word " * 300  # over the artifact's max_length: skipped with a count, not fatal
+    data.write_text(
+        f'{{"prompt": "{PROMPT}", "chosen": "{RESPONSES[0]}", "rejected": "{RESPONSES[1]}"}}\n'
+        f'{{"prompt": "{PROMPT}", "chosen": "{long}", "rejected": "x"}}\n'
+    )
     out = tmp_path / "scores.jsonl"
     assert main(["score", str(artifact), "--data", str(data), "--output", str(out), "--device", "cpu"]) == 0
     import json
@@ -277,7 +281,9 @@ def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
     ).json()["data"][0]
     assert row["reward_chosen"] == pytest.approx(served["reward_a"], abs=1e-6)
     assert row["margin"] == pytest.approx(served["margin"], abs=1e-6)
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "skipped 1 record(s) that cannot be encoded" in captured.err
+    assert len(out.read_text().splitlines()) == 1
 
 
 def test_served_reward_equals_the_trainers_logged_reward(tmp_path, smollm_tokenizer):
