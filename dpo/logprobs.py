@@ -6,9 +6,12 @@ For a sequence ``prompt_ids + response_ids`` the result is, per sequence,
 
 with the token count and the per-token values. Sequences are right-padded with an
 attention mask. Responses that share a prompt (chosen/rejected, N samples to rerank)
-compute the prompt once: its KV cache is expanded over the responses, which then
-attend to it. The LM head is applied only at positions that predict a response token,
-through :func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist.
+compute the prompt once: its KV cache serves every response. On an accelerator the
+responses run as one right-padded batch over the expanded cache; on a CPU each runs
+alone over the cache (no padding: a CPU gains nothing from a wide batch, and padding
+costs it real FLOPs), the cache cropped back to the prompt after each. The LM head is
+applied only at positions that predict a response token, through
+:func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist.
 """
 
 from __future__ import annotations
@@ -73,17 +76,19 @@ def _forward(model, head, cache=None, **kwargs) -> tuple[torch.Tensor, object]:
     return (out.last_hidden_state if head is not None else out.logits), kv
 
 
+def _token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[N]`` float32 log-probs of ``targets [N]`` from the ``[N, H]`` states (or logits) that predict them."""
+    if head is not None:  # chunked: the [N, V] logits never exist at once
+        return linear_token_logprobs(states, head.weight, targets, IGNORE_INDEX, head.bias)
+    return token_logprobs(states, targets)
+
+
 def _score_states(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``[B, R]`` float32 log-probs of ``targets`` from the states that predict them."""
     keep = targets != IGNORE_INDEX
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     if keep.any():
-        picked, picked_targets = states[keep], targets[keep]
-        if head is not None:  # chunked: the [N, V] logits never exist at once
-            logp = linear_token_logprobs(picked, head.weight, picked_targets, IGNORE_INDEX, head.bias)
-        else:
-            logp = token_logprobs(picked, picked_targets)
-        out = out.masked_scatter(keep, logp)
+        out = out.masked_scatter(keep, _token_logps(head, states[keep], targets[keep]))
     return out
 
 
@@ -155,13 +160,51 @@ def shared_prompt_logprobs(model, prompt_ids: Sequence[int], responses: Sequence
     return _score_states(head, states, targets)
 
 
-def sequence_logprobs(model, seqs: Sequence[Encoded], share_prompts: bool = True) -> SequenceLogprobs:
+def unpadded_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per-response ``[R_k]`` log-probs, every forward a batch of one: nothing is padded.
+
+    The first forward runs the prompt and the first response together; each further response
+    runs over the prompt's KV cache, which is then cropped back to the prompt. One LM-head call
+    scores all response tokens.
+    """
+    device, head, n = _device(model), _separable_head(model), len(prompt_ids)
+    first = torch.tensor([list(prompt_ids) + list(responses[0][:-1])], dtype=torch.long, device=device)
+    states, cache = _forward(model, head, input_ids=first, use_cache=len(responses) > 1)
+    prompt_last = states[0, n - 1 : n]  # predicts every response's first token
+    picked = [states[0, n - 1 : n - 1 + len(responses[0])]]
+    for response in responses[1:]:
+        if len(response) > 1 and not getattr(cache, "is_croppable", True):  # sliding-window or recurrent layers
+            ids = torch.tensor([list(prompt_ids) + list(response[:-1])], dtype=torch.long, device=device)
+            again, _ = _forward(model, head, input_ids=ids, use_cache=False)
+            picked.append(again[0, n - 1 :])
+        elif len(response) > 1:
+            cache.crop(n - cache.get_seq_length())  # negative: drop the previous response's tokens
+            ids = torch.tensor([list(response[:-1])], dtype=torch.long, device=device)
+            positions = torch.arange(n, n + len(response) - 1, device=device).unsqueeze(0)
+            rest, cache = _forward(model, head, input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+            picked.append(torch.cat([prompt_last, rest[0]]))
+        else:
+            picked.append(prompt_last[: len(response)])
+    targets = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=device)
+    return list(_token_logps(head, torch.cat(picked), targets).split([len(r) for r in responses]))
+
+
+def _pads_batches(model) -> bool:
+    """Right-padded batches on accelerators, where width is nearly free; batches of one on CPUs."""
+    return _device(model).type != "cpu"
+
+
+def sequence_logprobs(
+    model, seqs: Sequence[Encoded], share_prompts: bool = True, padded: bool | None = None
+) -> SequenceLogprobs:
     """Response log-probs of each sequence, in input order.
 
     Sequences with identical ``prompt_ids`` are computed with the prompt once
     (:func:`shared_prompt_logprobs`) when ``share_prompts``; the rest go through one
-    right-padded forward (:func:`batch_logprobs`). Callers choose the batch; gradients
-    flow when the model requires them (training).
+    right-padded forward (:func:`batch_logprobs`). With ``padded=False`` (the default on a
+    CPU) every sequence runs in a batch of one (:func:`unpadded_logprobs`); both ways give the
+    same values up to float rounding. Callers choose the batch; gradients flow when the model
+    requires them (training).
     """
     if not seqs:
         raise ValueError("sequence_logprobs needs at least one sequence")
@@ -169,8 +212,13 @@ def sequence_logprobs(model, seqs: Sequence[Encoded], share_prompts: bool = True
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, s in enumerate(seqs):
         groups.setdefault(s.prompt_ids if share_prompts else (i,), []).append(i)
-    r_width = max(len(s.response_ids) for s in seqs)
     rows: list[torch.Tensor | None] = [None] * len(seqs)
+    if not (_pads_batches(model) if padded is None else padded):
+        for ix in groups.values():
+            part = unpadded_logprobs(model, seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix])
+            for row, i in zip(part, ix, strict=True):
+                rows[i] = row
+        return _collect(rows, seqs, device)
     singles = [ix[0] for ix in groups.values() if len(ix) == 1]
     if singles:
         part = batch_logprobs(model, [seqs[i] for i in singles])
@@ -181,6 +229,11 @@ def sequence_logprobs(model, seqs: Sequence[Encoded], share_prompts: bool = True
             part = shared_prompt_logprobs(model, seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix])
             for row, i in zip(part, ix, strict=True):
                 rows[i] = row
+    return _collect(rows, seqs, device)
+
+
+def _collect(rows: list, seqs: Sequence[Encoded], device) -> SequenceLogprobs:
+    r_width = max(len(s.response_ids) for s in seqs)
     token_logps = torch.stack([torch.nn.functional.pad(r, (0, r_width - r.shape[0])) for r in rows])
     tokens = torch.tensor([len(s.response_ids) for s in seqs], dtype=torch.long, device=device)
     return SequenceLogprobs(token_logps.sum(-1), tokens, token_logps)

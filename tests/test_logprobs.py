@@ -28,10 +28,11 @@ SEQS = [
 ]
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("share", [True, False])
-def test_matches_definition(tiny_llama, share):
+def test_matches_definition(tiny_llama, share, padded):
     with torch.no_grad():
-        out = sequence_logprobs(tiny_llama, SEQS, share_prompts=share)
+        out = sequence_logprobs(tiny_llama, SEQS, share_prompts=share, padded=padded)
     assert out.logp.dtype == torch.float32
     assert out.tokens.tolist() == [len(s.response_ids) for s in SEQS]
     for i, s in enumerate(SEQS):
@@ -67,9 +68,38 @@ def test_eager_attention_and_bf16_accumulate_in_fp32():
     torch.testing.assert_close(out.logp.double(), ref, atol=0.05, rtol=0.01)
 
 
-def test_gradients_flow_through_shared_prompt():
+def test_cpu_default_is_unpadded_and_matches_padded(tiny_llama):
+    with torch.no_grad():
+        default = sequence_logprobs(tiny_llama, SEQS)
+        unpadded = sequence_logprobs(tiny_llama, SEQS, padded=False)
+        padded = sequence_logprobs(tiny_llama, SEQS, padded=True)
+    assert torch.equal(default.token_logps, unpadded.token_logps)
+    torch.testing.assert_close(unpadded.token_logps, padded.token_logps, atol=1e-5, rtol=0)
+
+
+def test_unpadded_results_do_not_depend_on_the_batch(tiny_llama):
+    with torch.no_grad():
+        together = sequence_logprobs(tiny_llama, SEQS, padded=False)
+        alone = [sequence_logprobs(tiny_llama, [s], padded=False) for s in SEQS]
+    for i, one in enumerate(alone):
+        torch.testing.assert_close(together.per_token(i), one.per_token(0), atol=1e-6, rtol=0)
+
+
+def test_uncroppable_cache_recomputes_the_prompt(tiny_llama, monkeypatch):
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(DynamicCache, "is_croppable", property(lambda self: False), raising=False)
+    monkeypatch.setattr(DynamicCache, "crop", lambda self, n: pytest.fail("crop called"))
+    with torch.no_grad():
+        out = sequence_logprobs(tiny_llama, SEQS, padded=False)
+    for i, s in enumerate(SEQS):
+        torch.testing.assert_close(out.per_token(i).double(), reference_logps(tiny_llama, s), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_gradients_flow_through_shared_prompt(padded):
     model = make_tiny_llama(seed=3).train()
-    shared = sequence_logprobs(model, SEQS, share_prompts=True).logp.sum()
+    shared = sequence_logprobs(model, SEQS, share_prompts=True, padded=padded).logp.sum()
     shared.backward()
     grads_shared = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -96,10 +126,12 @@ def test_single_token_responses_and_empty_input(tiny_llama):
         sequence_logprobs(tiny_llama, [])
 
 
-def test_empty_response_scores_zero(tiny_llama):
+@pytest.mark.parametrize("padded", [True, False])
+def test_empty_response_scores_zero(tiny_llama, padded):
+    seqs = [seq([1, 5, 6], []), seq([1, 5, 6], [7, 2]), seq([1, 9], []), seq([1, 5, 6], [4])]
     with torch.no_grad():
-        out = sequence_logprobs(tiny_llama, [seq([1, 5, 6], []), seq([1, 5, 6], [7, 2]), seq([1, 9], [])])
-    assert out.tokens.tolist() == [0, 2, 0]
+        out = sequence_logprobs(tiny_llama, seqs, padded=padded)
+    assert out.tokens.tolist() == [0, 2, 0, 1]
     assert out.logp[0] == 0 and out.logp[2] == 0 and out.mean[0] == 0
     torch.testing.assert_close(
         out.per_token(1).double(), reference_logps(tiny_llama, seq([1, 5, 6], [7, 2])), atol=1e-5, rtol=1e-5
