@@ -15,6 +15,10 @@ policy moves them): Δ_head [V, d] is a linear delta as above, and an embedding 
 both modules (the base weights stay tied). A LoRA-wrapped LM head is not a plain linear layer, so
 :mod:`dpo.logprobs` then computes full logits (exact, more memory).
 
+``rank="auto"`` picks K per layer: the smallest K whose singular values keep a fraction ``energy`` of
+‖Δ‖²_F (Σ_{i≤K} σ_i² ≥ energy · Σ_i σ_i², so the relative Frobenius error is at most √(1 − energy)),
+capped at the break-even rank ⌊m·n / (m + n)⌋, past which the factors would hold more numbers than Δ.
+
 Norm weights that differ are stored whole in the adapter (PEFT ``modules_to_save``, a few
 kilobytes); differing linear biases are refused (LoRA carries no bias).
 """
@@ -36,8 +40,10 @@ EXACT_SVD_MAX_DIM = 4096
 
 @dataclass
 class DeltaReport:
-    rank: int
+    rank: int | str
     layer_errors: dict[str, float] = field(default_factory=dict)  # ‖Δ − BA‖_F / ‖Δ‖_F per layer
+    layer_ranks: dict[str, int] = field(default_factory=dict)
+    energy: float | None = None
     adapter_parameters: int = 0
     norms_saved: list[str] = field(default_factory=list)
     policy_plus_reference_bytes: int = 0
@@ -46,9 +52,17 @@ class DeltaReport:
     def to_dict(self) -> dict:
         errors = list(self.layer_errors.values())
         saved = self.policy_plus_reference_bytes - self.reference_plus_adapter_bytes
+        ranks = list(self.layer_ranks.values())
         return {
             "rank": self.rank,
+            "energy": self.energy,
             "layers": len(errors),
+            "ranks": {
+                "min": min(ranks, default=0),
+                "max": max(ranks, default=0),
+                "mean": sum(ranks) / max(len(ranks), 1),
+                "per_layer": self.layer_ranks,
+            },  # fmt: skip
             "relative_frobenius_error": {
                 "mean": sum(errors) / max(len(errors), 1),
                 "max": max(errors, default=0.0),
@@ -81,6 +95,17 @@ def lowrank_factors(delta: torch.Tensor, k: int, method: str = "auto") -> tuple[
         raise DpormError(f"unknown SVD method {method!r}; choose auto, exact or lowrank")
     root = s.sqrt()
     return u * root, root[:, None] * vh
+
+
+def energy_rank(delta: torch.Tensor, energy: float) -> int:
+    """Smallest K with Σ_{i≤K} σ_i² ≥ energy · ‖Δ‖²_F, at most the break-even rank ⌊m·n / (m + n)⌋."""
+    m, n = delta.shape
+    power = torch.linalg.svdvals(delta.float()).double().square()
+    if power.sum() == 0:
+        return 1
+    kept = power.cumsum(0) / power.sum()
+    k = int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)[0]) + 1
+    return max(1, min(k, m * n // (m + n), len(power)))
 
 
 def _decoder_linears(model) -> dict[str, torch.nn.Linear]:
@@ -142,22 +167,27 @@ def _classify_differences(policy, reference, linears: dict) -> tuple[list[str], 
 
 
 @torch.no_grad()
-def build_delta_adapter(policy, reference, rank: int, svd: str = "auto", show_progress: bool = True):
+def build_delta_adapter(
+    policy, reference, rank: int | str, svd: str = "auto", show_progress: bool = True, energy: float = 0.95
+):
     """Wrap ``reference`` (in place) in a LoRA adapter whose weights are the rank-K SVD of the delta.
 
-    Returns the PEFT model and a :class:`DeltaReport`. Layers whose rank is below K get their own rank
-    (PEFT ``rank_pattern``, with ``alpha_pattern`` keeping scaling = 1).
+    ``rank`` is K, or ``"auto"`` for a per-layer K keeping ``energy`` of each delta's squared
+    Frobenius norm. Returns the PEFT model and a :class:`DeltaReport`. Layers whose rank differs
+    from the adapter's r get their own (PEFT ``rank_pattern``, ``alpha_pattern`` keeping scaling = 1).
     """
     from peft import LoraConfig, get_peft_model
 
-    if rank < 1:
-        raise DpormError(f"--delta-rank must be at least 1, got {rank}")
+    if rank != "auto" and (not isinstance(rank, int) or rank < 1):
+        raise DpormError(f"--delta-rank must be a positive integer or 'auto', got {rank!r}")
+    if not 0 < energy <= 1:
+        raise DpormError(f"--delta-energy must be in (0, 1], got {energy}")
     linears = {**_decoder_linears(reference), **_vocabulary_modules(reference)}
     changed, norms = _classify_differences(policy, reference, linears)
     if not changed and not norms:
         raise DpormError("policy and reference weights are identical: there is no delta to store")
     policy_modules = dict(policy.named_modules())
-    report = DeltaReport(rank=rank, norms_saved=norms)
+    report = DeltaReport(rank=rank, norms_saved=norms, energy=energy if rank == "auto" else None)
     report.policy_plus_reference_bytes = parameter_bytes(policy) + parameter_bytes(reference)
     factors, ranks = {}, {}
     for name in tqdm(changed, desc="svd", unit="layer", disable=not show_progress):
@@ -165,11 +195,14 @@ def build_delta_adapter(policy, reference, rank: int, svd: str = "auto", show_pr
         delta = policy_modules[name].weight.float() - w_ref.float()
         if isinstance(linears[name], torch.nn.Embedding):
             delta = delta.T  # PEFT adds row t of (B A)ᵀ to an embedding lookup
-        k = min(rank, *delta.shape)
+        k = energy_rank(delta, energy) if rank == "auto" else min(rank, *delta.shape)
         b, a = lowrank_factors(delta, k, svd)
         norm = torch.linalg.matrix_norm(delta)
         report.layer_errors[name] = float(torch.linalg.matrix_norm(delta - b @ a) / norm) if norm > 0 else 0.0
         factors[name], ranks[name] = (b.to(w_ref.dtype), a.to(w_ref.dtype)), k
+    report.layer_ranks = dict(ranks)
+    if rank == "auto":
+        rank = max(ranks.values(), default=1)
     pattern = {name: k for name, k in ranks.items() if k != rank}
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=changed or None, modules_to_save=norms or None,
                         rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none",

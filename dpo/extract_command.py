@@ -71,13 +71,31 @@ def _fidelity_pairs(source: str, limit: int) -> list:
     return pairs[:limit]
 
 
+DEFAULT_ENERGY = 0.95
+
+
+def _rank(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
 def _check_options(args: argparse.Namespace, output: Path) -> None:
     if args.beta <= 0:
         raise DpormError(f"--beta must be positive, got {args.beta}")
-    for name in ("max_length", "fidelity_limit", "batch_size", "delta_rank"):
+    for name in ("max_length", "fidelity_limit", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.delta_rank is not None and args.delta_rank != "auto" and args.delta_rank < 1:
+        raise DpormError(f"--delta-rank must be at least 1 or 'auto', got {args.delta_rank}")
+    if not 0 < args.delta_energy <= 1:
+        raise DpormError(f"--delta-energy must be in (0, 1], got {args.delta_energy}")
+    if args.delta_energy != DEFAULT_ENERGY and args.delta_rank != "auto":
+        raise DpormError("--delta-energy needs --delta-rank auto")
     if args.copy and args.delta_rank:
         raise DpormError("--copy conflicts with --delta-rank: the delta artifact stores its own adapter")
     if args.fidelity_data and not args.delta_rank:
@@ -153,14 +171,17 @@ def _extract_delta(args, manifest: Manifest, tokenizer, policy, reference, outpu
     from dpo.fidelity import reward_fidelity
     from dpo.scorer import RewardModel, load_reward_model
 
-    peft_model, report = build_delta_adapter(policy, reference, args.delta_rank, args.svd)
+    peft_model, report = build_delta_adapter(policy, reference, args.delta_rank, args.svd, energy=args.delta_energy)
     # The reference supplies the base embeddings: only the low-rank factors are saved, not a vocabulary matrix.
     peft_model.save_pretrained(output / "policy", safe_serialization=True, save_embedding_layers=False)
     del peft_model, reference
     manifest.policy, manifest.adapter = "policy", True
     manifest.metrics["delta"] = delta = report.to_dict()
     errors, memory = delta["relative_frobenius_error"], delta["memory_bytes"]
-    _say(f"delta rank {report.rank}: {delta['layers']} linear layers, relative Frobenius error mean "
+    ranks = delta["ranks"]
+    chosen = f"auto (energy {report.energy}, ranks {ranks['min']}–{ranks['max']}, mean {ranks['mean']:.1f})"
+    _say(f"delta rank {chosen if report.rank == 'auto' else report.rank}: {delta['layers']} linear layers, "
+         "relative Frobenius error mean "
          f"{errors['mean']:.4f} max {errors['max']:.4f}; {report.adapter_parameters:,} adapter parameters"
          + (f", {len(report.norms_saved)} norm(s) stored whole" if report.norms_saved else ""))  # fmt: skip
     _say(f"memory: policy+reference {memory['policy_plus_reference'] / 2**20:.1f} MiB, reference+adapter "
@@ -196,10 +217,14 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy", action="store_true", help="copy the policy into the artifact as safetensors")
     p.add_argument(
         "--delta-rank",
-        type=int,
-        metavar="K",
-        help="store the policy as a rank-K LoRA delta over the reference (truncated SVD per layer)",
+        type=_rank,
+        metavar="K|auto",
+        help="store the policy as a rank-K LoRA delta over the reference (truncated SVD per layer); 'auto' picks "
+        "K per layer by --delta-energy",
     )
+    p.add_argument("--delta-energy", type=float, default=DEFAULT_ENERGY, metavar="E",
+                   help=f"with --delta-rank auto: keep this fraction of each delta's squared Frobenius norm "
+                   f"(default {DEFAULT_ENERGY}), up to the rank where factors outgrow the matrix")  # fmt: skip
     p.add_argument("--svd", choices=("auto", "exact", "lowrank"), default="auto",
                    help="SVD: exact (torch.linalg.svd), lowrank (randomized) or auto (exact unless a matrix's "
                    "smaller side exceeds 4096 and K is under a quarter of it)")  # fmt: skip

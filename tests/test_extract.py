@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpo.cli import main
-from dpo.delta import lowrank_factors
+from dpo.delta import energy_rank, lowrank_factors
 from dpo.fidelity import average_ranks, spearman
 from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
@@ -156,8 +156,8 @@ def test_identical_weights_warn(models, tmp_path, capsys):
     assert rewards(load_reward_model(str(tmp_path / "same"), device="cpu")) == [0.0, 0.0, 0.0]
 
 
-def _delta_rewards(models, tmp_path, policy: str, rank: int, *extra: str):
-    out = tmp_path / f"delta-{rank}"
+def _delta_rewards(models, tmp_path, policy: str, rank: int | str, *extra: str):
+    out = tmp_path / f"delta-{policy}-{rank}"
     assert extract(models[policy], models["reference"], out, "--delta-rank", str(rank), *extra) == 0
     m = Manifest.load(out)
     assert m.adapter and m.policy == "policy" and (out / "policy" / "adapter_model.safetensors").is_file()
@@ -199,12 +199,12 @@ def test_exact_rank2_delta_with_k2_and_fidelity(models, tmp_path):
                                   "--fidelity-limit", "6", "--batch-size", "4")  # fmt: skip
     assert got == pytest.approx(want, abs=1e-4)
     assert m.metrics["delta"]["relative_frobenius_error"]["max"] < 1e-5
-    fidelity = json.loads((tmp_path / "delta-2" / "fidelity.json").read_text())
+    fidelity = json.loads((tmp_path / "delta-rank2-2" / "fidelity.json").read_text())
     assert fidelity == m.metrics["fidelity"]
     assert fidelity["pairs"] == 6 and fidelity["agreement"] == 1.0 and fidelity["spearman"] == pytest.approx(1.0)
     assert fidelity["reward_abs_error_max"] < 1e-4
     scores = tmp_path / "scores.jsonl"  # dporm score needs nothing but the artifact
-    assert main(["score", str(tmp_path / "delta-2"), "--data", str(PREFS), "--limit", "1", "--device", "cpu",
+    assert main(["score", str(tmp_path / "delta-rank2-2"), "--data", str(PREFS), "--limit", "1", "--device", "cpu",
                  "--output", str(scores)]) == 0  # fmt: skip
     row = json.loads(scores.read_text())
     assert [row["reward_chosen"], row["reward_rejected"]] == pytest.approx(
@@ -298,3 +298,35 @@ def test_lowrank_factors_and_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486833, abs=1e-6)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_energy_rank_by_hand():
+    # σ = 4, 2, 1, 1 (squares 16, 4, 1, 1 of 22): K=1 keeps 16/22 = 0.727, K=2 keeps 20/22 = 0.909, K=3 0.955.
+    delta = torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    assert [energy_rank(delta, e) for e in (0.5, 0.727, 0.8, 0.909, 0.95, 0.96)] == [1, 1, 2, 2, 3, 4]
+    assert energy_rank(delta, 20 / 22) == 2  # exactly on the boundary: that K suffices
+    assert energy_rank(delta, 1.0) == 4  # break-even rank of 8×8 is 4, and σ5.. are 0
+    wide = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    assert energy_rank(wide, 1.0) == 5  # capped at ⌊6·300 / 306⌋ = 5, below the full rank 6
+    assert energy_rank(torch.zeros(4, 4), 0.9) == 1
+
+
+def test_auto_rank_finds_the_true_rank_and_reports_per_layer(models, tmp_path, capsys):
+    m, got, want = _delta_rewards(models, tmp_path, "rank2", "auto", "--delta-energy", "0.999")
+    assert got == pytest.approx(want, abs=1e-4)
+    d = m.metrics["delta"]
+    assert d["rank"] == "auto" and d["energy"] == 0.999
+    assert d["ranks"]["min"] == d["ranks"]["max"] == 2 and len(d["ranks"]["per_layer"]) == 14
+    assert "delta rank auto (energy 0.999, ranks 2–2" in capsys.readouterr().err
+    m, _, _ = _delta_rewards(models, tmp_path, "full", "auto", "--delta-energy", "0.5")
+    ranks, errors = m.metrics["delta"]["ranks"], m.metrics["delta"]["relative_frobenius_error"]
+    assert ranks["min"] >= 1 and ranks["max"] < 16 and errors["max"] <= 0.5**0.5 + 1e-6
+
+
+def test_delta_energy_option_errors(models, tmp_path, capsys):
+    assert extract(models["full"], models["reference"], tmp_path / "x", "--delta-rank", "2", "--delta-energy",
+                   "0.5") == 1  # fmt: skip
+    one_line_error(capsys, "--delta-energy needs --delta-rank auto")
+    assert extract(models["full"], models["reference"], tmp_path / "x", "--delta-rank", "auto", "--delta-energy",
+                   "1.5") == 1  # fmt: skip
+    one_line_error(capsys, "--delta-energy must be in (0, 1]")
