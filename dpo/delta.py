@@ -12,8 +12,8 @@ is the best rank-K approximation in Frobenius norm (Eckart–Young); PEFT adds `
 The input embeddings and the LM head get the same treatment when they differ (a fully fine-tuned
 policy moves them): Δ_head [V, d] is a linear delta as above, and an embedding lookup adds row t of
 (B A)ᵀ, so its factors come from the SVD of Δ_embᵀ. With tied embeddings the one delta is stored on
-both modules (the base weights stay tied). A LoRA-wrapped LM head is not a plain linear layer, so
-:mod:`dpo.logprobs` then computes full logits (exact, more memory).
+both modules (the base weights stay tied). :mod:`dpo.logprobs` folds a LoRA-wrapped LM head into
+one augmented linear map, so scoring still never holds full logits.
 
 ``rank="auto"`` picks K per layer: the smallest K whose singular values keep a fraction ``energy`` of
 ‖Δ‖²_F (Σ_{i≤K} σ_i² ≥ energy · Σ_i σ_i², so the relative Frobenius error is at most √(1 − energy)),

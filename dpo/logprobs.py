@@ -11,7 +11,8 @@ responses run as one right-padded batch over the expanded cache; on a CPU each r
 alone over the cache (no padding: a CPU gains nothing from a wide batch, and padding
 costs it real FLOPs), the cache cropped back to the prompt after each. The LM head is
 applied only at positions that predict a response token, through
-:func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist.
+:func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist; a LoRA-wrapped
+head is folded into one augmented linear map, ``[h, h Aᵀ] [W, s B]ᵀ``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,7 +47,42 @@ class SequenceLogprobs:
         return self.logp / self.tokens.clamp(min=1)
 
 
-def _separable_head(model) -> torch.nn.Module | None:
+@dataclass
+class _Head:
+    """The LM head as one linear map of (possibly augmented) states: ``logits = prepare(h) @ weight.T + bias``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    lora: list = field(default_factory=list)  # (A weight, scaling) per active LoRA adapter
+
+    def prepare(self, states: torch.Tensor) -> torch.Tensor:
+        """``[h, h A_1ᵀ, …]``: with the weight ``[W, s_1 B_1, …]`` this is ``h Wᵀ + Σ s_i B_i A_i h``."""
+        if not self.lora:
+            return states
+        return torch.cat([states] + [states @ a.t().to(states.dtype) for a, _ in self.lora], dim=-1)
+
+
+def _lora_head(module) -> _Head | None:
+    """A PEFT LoRA-wrapped linear head as a :class:`_Head`, or None when it is not plain LoRA."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear:
+        return None
+    if module.disable_adapters or module.merged:
+        return _Head(base.weight, base.bias)
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if any(name in getattr(module, "lora_variant", {}) or module.lora_B[name].bias is not None for name in active):
+        return None  # DoRA and other variants, LoRA biases: not one linear map
+    if module.training and any(not isinstance(module.lora_dropout[name], torch.nn.Identity) for name in active):
+        return None  # dropout between A and B
+    lora = [(module.lora_A[name].weight, module.scaling[name]) for name in active]
+    if not lora:
+        return _Head(base.weight, base.bias)
+    weight = torch.cat([base.weight] + [s * module.lora_B[name].weight.to(base.weight.dtype)
+                                        for name, (_, s) in zip(active, lora, strict=True)], dim=1)  # fmt: skip
+    return _Head(weight, base.bias, lora)
+
+
+def _separable_head(model) -> _Head | None:
     """The LM head when logits are exactly ``head(decoder(x))``, else None (softcapping, logit scales)."""
     config = getattr(model, "config", None)
     # Gemma-2 soft-caps logits, Cohere multiplies them, Granite divides them: not a plain head.
@@ -54,9 +90,11 @@ def _separable_head(model) -> torch.nn.Module | None:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if type(head) is not torch.nn.Linear or decoder is None or decoder is model:  # not LoRA-wrapped heads
+    if head is None or decoder is None or decoder is model:
         return None
-    return head
+    if type(head) is torch.nn.Linear:
+        return _Head(head.weight, head.bias)
+    return _lora_head(head) if hasattr(head, "lora_A") else None
 
 
 @functools.cache
@@ -79,7 +117,7 @@ def _forward(model, head, cache=None, **kwargs) -> tuple[torch.Tensor, object]:
 def _token_logps(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``[N]`` float32 log-probs of ``targets [N]`` from the ``[N, H]`` states (or logits) that predict them."""
     if head is not None:  # chunked: the [N, V] logits never exist at once
-        return linear_token_logprobs(states, head.weight, targets, IGNORE_INDEX, head.bias)
+        return linear_token_logprobs(head.prepare(states), head.weight, targets, IGNORE_INDEX, head.bias)
     return token_logprobs(states, targets)
 
 

@@ -136,3 +136,43 @@ def test_empty_response_scores_zero(tiny_llama, padded):
     torch.testing.assert_close(
         out.per_token(1).double(), reference_logps(tiny_llama, seq([1, 5, 6], [7, 2])), atol=1e-5, rtol=1e-5
     )
+
+
+def _lora_head_model(dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    model = make_tiny_llama(seed=5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], lora_dropout=dropout)
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # PEFT starts B at zero: make the adapter matter
+    return model
+
+
+def test_lora_wrapped_head_is_folded_and_exact():
+    import dpo.logprobs as lp
+
+    model = _lora_head_model().eval()
+    head = lp._separable_head(model)
+    assert head is not None and len(head.lora) == 1 and head.weight.shape[1] == 32 + 4
+    with torch.no_grad():
+        out = sequence_logprobs(model, SEQS)
+        for i, s in enumerate(SEQS):
+            torch.testing.assert_close(out.per_token(i).double(), reference_logps(model, s), atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():
+            assert lp._separable_head(model).lora == []
+            base = sequence_logprobs(model, SEQS)
+            torch.testing.assert_close(
+                base.per_token(0).double(), reference_logps(model, SEQS[0]), atol=1e-5, rtol=1e-5
+            )
+    assert not torch.allclose(out.logp, base.logp)
+
+
+def test_lora_head_with_training_dropout_falls_back_to_full_logits():
+    import dpo.logprobs as lp
+
+    model = _lora_head_model(dropout=0.1).train()
+    assert lp._separable_head(model) is None
+    assert lp._separable_head(model.eval()) is not None
