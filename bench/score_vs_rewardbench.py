@@ -6,6 +6,7 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
     rewardbench   DPOInference.inference_step (PyPI ``rewardbench``, its dpo module only), fp32, per batch size
     dporm fp32    RewardModel.score_encoded (the code ``dporm score`` and the server run) on the same token ids
     dporm bf16    the same with bf16 weights (log-softmax stays fp32)
+    bf16-mixed    bf16 decoder matmuls under autocast; residual stream, norms, LM head in fp32
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
@@ -14,7 +15,10 @@ Both sides see RewardBench's tokenization (``DPOInference.tokenize_row``), so re
 is off: every pair costs both models. Model-FLOP utilisation counts the matmul FLOPs each side
 needs (2·params per token per model for the body, 2·V·H per scored token for the LM head; prompts
 shared by chosen and rejected are counted once for dporm, twice for RewardBench, which runs them
-twice) against a GEMM peak measured in the same run. Example:
+twice) against a GEMM peak measured in the same run; "MFU+attn" also counts attention's score and
+value matmuls (4·layers·heads·head_dim per attended query-key pair, PaLM's convention). Reduced
+precision sides report how often the chosen-vs-rejected decision equals fp32's, also by the size of
+the fp32 margin (a decision can only flip where the margin is within the rounding error). Example:
 
     .venv/bin/python bench/score_vs_rewardbench.py --policy runs/uf-full/policy
 """
@@ -93,6 +97,14 @@ def matmul_flops(model, prompt_tokens: int, response_tokens: int, head_tokens: i
     return 2 * body * (prompt_tokens + response_tokens) + 2 * vocab * hidden * head_tokens
 
 
+def attention_flops(model, lengths_and_prefixes) -> float:
+    """Score and value matmul FLOPs: for each (sequence length L, cached prefix C), the queries C..L-1."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    pairs = sum((n * (n + 1) - p * (p + 1)) // 2 for n, p in lengths_and_prefixes)
+    return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+
+
 def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int) -> tuple[float, list[float]]:
     rewards: list[tuple[float, float]] = []
     start = time.perf_counter()
@@ -123,20 +135,37 @@ def compat_pairs(feature: dict) -> tuple[Encoded, Encoded]:
     return out[0], out[1]
 
 
-def dporm_flops(model, pairs) -> float:
+def dporm_flops(model, pairs) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of both models; a pair's second response reuses the prompt's cache."""
     prompts = {s.prompt_ids for pair in pairs for s in pair}
     prompt_tokens = sum(len(p) for p in prompts)
     response_tokens = sum(len(s.response_ids) for pair in pairs for s in pair)
-    return 2 * matmul_flops(model, prompt_tokens, response_tokens, response_tokens)
+    spans = []
+    for a, b in pairs:
+        shared = a.prompt_ids == b.prompt_ids
+        spans += [(len(a.input_ids) - 1, 0), (len(b.input_ids) - 1, len(b.prompt_ids) if shared else 0)]
+    return 2 * matmul_flops(model, prompt_tokens, response_tokens, response_tokens), 2 * attention_flops(model, spans)
 
 
-def rewardbench_flops(model, features) -> float:
-    total = 0.0
+def rewardbench_flops(model, features) -> tuple[float, float]:
+    total, spans = 0.0, []
     for f in features:
         for side in ("chosen", "rejected"):
             n = len(f[f"{side}_input_ids"])
             total += matmul_flops(model, 0, n, n)  # full logits at every position
-    return 2 * total
+            spans.append((n, 0))
+    return 2 * total, 2 * attention_flops(model, spans)
+
+
+def agreement_by_margin(rewards, baseline) -> dict[str, float]:
+    """Share of equal decisions among pairs whose fp32 |margin| (log-ratio units) exceeds each threshold."""
+    out = {}
+    for threshold in (0.0, 0.1, 0.3, 1.0, 3.0):
+        kept = [(x, y) for x, y in zip(rewards, baseline, strict=True) if abs(y[0] - y[1]) > threshold]
+        if kept:
+            out[f">{threshold}"] = sum((x[0] > x[1]) == (y[0] > y[1]) for x, y in kept) / len(kept)
+            out[f">{threshold} pairs"] = len(kept)
+    return out
 
 
 def main() -> None:
@@ -149,7 +178,7 @@ def main() -> None:
     p.add_argument("--rb-batch-sizes", default="1", help="comma-separated DPOInference batch sizes")
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per dporm scoring call")
     p.add_argument("--delta-artifact", help="also score in bf16 with this dporm extract --delta-rank artifact")
-    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,own")
+    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,own")
     p.add_argument("--output", default=str(ROOT / "bench/results/score_vs_rewardbench.json"))
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -170,18 +199,32 @@ def main() -> None:
     report: dict = {"pairs": len(rows), "threads": torch.get_num_threads(), "cpu": platform.processor(),
                     "gemm_peak_gflop_s": peaks, "sides": {}}  # fmt: skip
 
-    def record(name: str, seconds: float, flops: float, peak: str, rewards, baseline=None) -> None:
-        entry = {"seconds": seconds, "pairs_per_s": len(rows) / seconds, "gflop": flops / 1e9,
-                 "mfu": flops / seconds / 1e9 / peaks[peak], "rewards": rewards}  # fmt: skip
+    def record(name: str, seconds: float, flops: tuple[float, float], peak: str, rewards, baseline=None) -> None:
+        matmul, attention = flops
+        entry = {"seconds": seconds, "pairs_per_s": len(rows) / seconds, "gflop": matmul / 1e9,
+                 "attention_gflop": attention / 1e9, "mfu": matmul / seconds / 1e9 / peaks[peak],
+                 "mfu_with_attention": (matmul + attention) / seconds / 1e9 / peaks[peak],
+                 "rewards": rewards}  # fmt: skip
         if baseline is not None:
-            diffs = [abs(a - b) for x, y in zip(rewards, baseline, strict=True) for a, b in zip(x, y, strict=True)]
+            diffs = sorted(
+                abs(a - b) for x, y in zip(rewards, baseline, strict=True) for a, b in ((x[0], y[0]), (x[1], y[1]))
+            )
             same = sum((x[0] > x[1]) == (y[0] > y[1]) for x, y in zip(rewards, baseline, strict=True))
-            entry |= {"max_abs_diff": max(diffs), "decisions_equal": same / len(rows)}
+            margins = sorted(abs(y[0] - y[1]) for y in baseline)
+            entry |= {"max_abs_diff": diffs[-1], "median_abs_diff": diffs[len(diffs) // 2],
+                      "decisions_equal": same / len(rows), "baseline_median_abs_margin": margins[len(margins) // 2],
+                      "decisions_equal_by_margin": agreement_by_margin(rewards, baseline)}  # fmt: skip
         report["sides"][name] = entry
         extra = (
-            f"  max|Δ| {entry['max_abs_diff']:.2e}  same decision {entry['decisions_equal']:.1%}" if baseline else ""
+            f"  max|Δ| {entry['max_abs_diff']:.2e} (median {entry['median_abs_diff']:.2e})  same decision "
+            f"{entry['decisions_equal']:.1%} (median |margin| {entry['baseline_median_abs_margin']:.3f})"
+            if baseline
+            else ""
         )
-        print(f"{name:<22} {seconds:8.1f} s  {entry['pairs_per_s']:6.3f} pairs/s  MFU {entry['mfu']:6.1%}{extra}")
+        print(f"{name:<22} {seconds:8.1f} s  {entry['pairs_per_s']:6.3f} pairs/s  MFU {entry['mfu']:6.1%} "
+              f"(+attn {entry['mfu_with_attention']:6.1%}){extra}")  # fmt: skip
+        if baseline:
+            print("    same decision where |fp32 margin| >", json.dumps(entry["decisions_equal_by_margin"]))
 
     rb_best = None
     if "rewardbench" not in skip:
@@ -209,6 +252,13 @@ def main() -> None:
         seconds, rewards = time_dporm(bf16, pairs, args.batch_pairs)
         record("dporm bf16", seconds, dporm_flops(bf16.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
+    if "mixed" not in skip:
+        mixed = RewardModel(load_model(args.policy, "bf16-mixed"), load_model(reference, "bf16-mixed"), tokenizer,
+                            args.beta, ref_cache_size=0)  # fmt: skip
+        seconds, rewards = time_dporm(mixed, pairs, args.batch_pairs)
+        record("dporm bf16-mixed", seconds, dporm_flops(mixed.policy, pairs), "bf16",
+               [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
+        del mixed
     if args.delta_artifact:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.
         delta = load_reward_model(args.delta_artifact, dtype="bf16", device="cpu", ref_cache_size=0)

@@ -7,6 +7,7 @@ import sys
 
 from dpo import __version__
 from dpo.errors import DpormError
+from dpo.manifest import DTYPE_HELP
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -15,7 +16,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default="default",
         help="model directory or hub id; 'default' = the embedded SmolLM2-135M-Instruct (pulled if needed)",
     )
-    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--cache-dir", help="dporm cache root (default $DPORM_CACHE_DIR or ~/.cache/dporm)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")

@@ -17,6 +17,7 @@ head is folded into one augmented linear map, ``[h, h Aᵀ] [W, s B]ᵀ``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dpo.encoding import Encoded
+from dpo.models import AUTOCAST_ATTRIBUTE
 from kernels import linear_token_logprobs, token_logprobs
 
 IGNORE_INDEX = -100
@@ -104,12 +106,19 @@ def _cache_argument(forward_owner: type) -> str:
 
 
 def _forward(model, head, cache=None, **kwargs) -> tuple[torch.Tensor, object]:
-    """``(states, kv_cache)``: final hidden states when ``head`` is set, else logits."""
+    """``(states, kv_cache)``: final hidden states when ``head`` is set, else logits.
+
+    A model loaded as ``bf16-mixed`` (:func:`dpo.models.mix_precision`) runs under autocast.
+    """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     name = _cache_argument(type(decoder))
     if cache is not None:
         kwargs[name] = cache
-    out = decoder(**kwargs) if head is not None else model(**kwargs)
+    autocast_dtype = getattr(model, AUTOCAST_ATTRIBUTE, None)
+    # No autocast of our own otherwise: an enclosing one (the trainer's --mixed-precision) must stay in force.
+    mixed = torch.autocast(_device(model).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with mixed:
+        out = decoder(**kwargs) if head is not None else model(**kwargs)
     kv = out.get(name)
     return (out.last_hidden_state if head is not None else out.logits), kv
 

@@ -21,6 +21,11 @@ from dpo.errors import DpormError
 FILENAME = "dporm.json"
 FORMAT_VERSION = 1
 NORMALIZATIONS = ("sum", "mean")
+# The --dtype choices of every command that loads models (dpo.models.resolve_dtype).
+DTYPE_HELP = (
+    "fp32 | bf16 | bf16-mixed | fp16 (log-softmax is always fp32; bf16-mixed: bf16 decoder matmuls, fp32 "
+    "residual stream and LM head)"
+)
 
 
 @dataclass

@@ -9,14 +9,36 @@ import torch
 from dpo.errors import DpormError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bf16 matmul weights, everything else float32: see mix_precision.
+MIXED = "bf16-mixed"
+AUTOCAST_ATTRIBUTE = "dporm_autocast_dtype"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", MIXED: "float32"}
     try:
         return DTYPES[aliases.get(name, name)]
     except KeyError:
-        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
+        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, bf16-mixed, fp16") from None
+
+
+def mix_precision(model, dtype: torch.dtype = torch.bfloat16):
+    """Decoder-layer linear weights in ``dtype``; embeddings, norms, LM head stay float32.
+
+    Forwards then run under autocast (:mod:`dpo.logprobs`): the matmuls in ``dtype``, the residual
+    stream, norms, LM head and log-softmax in float32. The DPO reward is a small difference of two
+    large log-probs, and rounding the residual stream to bf16 at every layer is most of plain bf16's
+    error; this keeps bf16's matmul speed and halves the decoder's weight memory.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise DpormError(f"{type(model).__name__}: {MIXED} needs decoder layers (model.get_decoder().layers)")
+    for module in layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(dtype)
+    setattr(model, AUTOCAST_ATTRIBUTE, dtype)
+    return model
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -72,6 +94,8 @@ def load_model(
     except (OSError, ValueError) as e:
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless pickle is allowed)"
         raise DpormError(f"cannot load model from {path}: {str(e).splitlines()[0]}{hint}") from None
+    if dtype == MIXED:
+        mix_precision(model)
     return model.to(resolve_device(device)).eval()
 
 

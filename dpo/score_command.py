@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError
+from dpo.manifest import DTYPE_HELP
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
 from dpo.trainer import wilson_interval
@@ -105,7 +106,11 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", help="cut over-long responses instead of failing")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward batch (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")

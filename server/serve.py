@@ -10,6 +10,7 @@ import threading
 import uvicorn
 
 from dpo.errors import DpormError
+from dpo.manifest import DTYPE_HELP
 from server.app import Limits, State, create_app
 
 
@@ -92,7 +93,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-cache-size", type=int, default=4096, help="reference log-prob LRU entries (0 = off)")
     p.add_argument("--drain-seconds", type=float, default=0.0, help="on SIGTERM, answer /ready 503 this long first")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
-    p.add_argument("--dtype", default="float32", help="fp32 | bf16 | fp16 (log-softmax is always fp32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help=DTYPE_HELP,
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")

@@ -40,3 +40,37 @@ def test_reduced_precision_logprobs_are_float32_and_close(smollm_tokenizer, dtyp
         assert g.reward == pytest.approx(w.reward, abs=TOLERANCE[dtype])
     order = sorted(range(len(seqs)), key=lambda i: got[i].reward)
     assert order == sorted(range(len(seqs)), key=lambda i: want[i].reward)
+
+
+def test_bf16_mixed_keeps_the_residual_stream_fp32(smollm_tokenizer, tmp_path):
+    from dpo.models import AUTOCAST_ATTRIBUTE, load_model, mix_precision
+
+    seqs = [encode(smollm_tokenizer, PROMPT, r, 128) for r in RESPONSES]
+    full = _reward_model(smollm_tokenizer, torch.float32)
+    plain = _reward_model(smollm_tokenizer, torch.bfloat16)
+    mixed = _reward_model(smollm_tokenizer, torch.float32)
+    for model in (mixed.policy, mixed.reference):
+        mix_precision(model)
+        assert getattr(model, AUTOCAST_ATTRIBUTE) == torch.bfloat16
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+        assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    want, got, rounded = full.score_encoded(seqs), mixed.score_encoded(seqs), plain.score_encoded(seqs)
+    err_mixed = sum(abs(g.logp_policy - w.logp_policy) for g, w in zip(got, want, strict=True))
+    err_plain = sum(abs(g.logp_policy - w.logp_policy) for g, w in zip(rounded, want, strict=True))
+    assert 0 < err_mixed < err_plain  # bf16 matmuls ran, and fp32 activations round less than bf16 ones
+    for g, w in zip(got, want, strict=True):
+        assert g.reward == pytest.approx(w.reward, abs=TOLERANCE[torch.bfloat16])
+
+    full.policy.save_pretrained(tmp_path / "m", safe_serialization=True)
+    loaded = load_model(str(tmp_path / "m"), dtype="bf16-mixed")
+    assert loaded.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(sequence_logprobs(loaded, seqs).logp, sequence_logprobs(mixed.policy, seqs).logp)
+
+
+def test_bf16_mixed_is_refused_for_training(capsys):
+    from dpo.cli import main
+
+    assert main(["train", "--dtype", "bf16-mixed", "--data", "x.jsonl", "--output", "/tmp/unused-run"]) == 1
+    assert "train with --mixed-precision bf16" in capsys.readouterr().err
