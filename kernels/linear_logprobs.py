@@ -11,18 +11,33 @@ Backward recomputes each chunk's logits, turns them into
 so peak memory is one chunk of logits (and its gradient) instead of [N, V].
 The matmuls run in the input dtype (as the model's own LM head does); the
 softmax math is float32.
+
+On a CPU (torch backend) the forward instead walks the vocabulary in tiles of
+``VOCAB_BLOCK`` columns, folding each tile into a running logsumexp while it is
+still in cache (the online softmax of Milakov & Gimelshein 2018):
+
+    m' = max(m, max_j z_j)       s' = s·exp(m − m') + Σ_j exp(z_j − m')       lse = m + log s
+
+A GEMM with a narrow N runs nearer the CPU's peak than one with N = V (measured:
+186 vs 143 GFLOP/s at 330×576×49152 fp32), and the tile is never written out and read back.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels import torch_backend
 from kernels.backend import backend
 from kernels.logprobs import flatten
 from kernels.torch_backend import accumulation_dtype
 
 # Tokens per chunk: about this many logits per chunk (a 256-row chunk at V = 49152 in float32 is 48 MiB).
 CHUNK_ELEMENTS = 1 << 24
+
+
+# CPU forward tiles: VOCAB_BLOCK columns by CPU_ROWS rows (4 MiB in float32).
+VOCAB_BLOCK = 2048
+CPU_ROWS = 512
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -37,18 +52,57 @@ def _logits_into(buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tenso
     return torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def _tiled_forward(hidden, weight, bias, targets, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)`` with a running logsumexp over vocabulary tiles (the CPU forward)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    ignored = targets == ignore_index
+    safe_targets = targets.masked_fill(ignored, 0)
+    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(logp)
+    size = min(CPU_ROWS, n) * min(VOCAB_BLOCK, vocab)
+    tile_buffer = hidden.new_empty(size)
+    work_buffer = tile_buffer if hidden.dtype == acc else torch.empty(size, dtype=acc, device=hidden.device)
+    for s in range(0, n, CPU_ROWS):
+        h, t = hidden[s : s + CPU_ROWS], safe_targets[s : s + CPU_ROWS]
+        rows = h.shape[0]
+        run_max = torch.full((rows,), float("-inf"), dtype=acc, device=hidden.device)
+        run_sum, picked = torch.zeros_like(run_max), torch.zeros_like(run_max)
+        for j in range(0, vocab, VOCAB_BLOCK):
+            w = weight[j : j + VOCAB_BLOCK]
+            cols = w.shape[0]
+            tile = tile_buffer[: rows * cols].view(rows, cols)
+            if bias is None:
+                torch.mm(h, w.t(), out=tile)
+            else:
+                torch.addmm(bias[j : j + cols], h, w.t(), out=tile)
+            z = tile if tile.dtype == acc else work_buffer[: rows * cols].view(rows, cols).copy_(tile)
+            inside = (t >= j) & (t < j + cols)
+            picked = torch.where(inside, z.gather(1, (t - j).clamp(0, cols - 1)[:, None]).squeeze(1), picked)
+            new_max = torch.maximum(run_max, z.amax(1))
+            run_sum.mul_(torch.exp(run_max - new_max))  # 0 on the first tile: exp(-inf)
+            run_sum += torch.sub(z, new_max[:, None], out=z).exp_().sum(1)  # z is spent: reuse it
+            run_max = new_max
+        lse[s : s + rows] = run_max + run_sum.log()
+        logp[s : s + rows] = picked - lse[s : s + rows]
+    return logp.masked_fill_(ignored, 0.0), lse
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index: int) -> torch.Tensor:
         impl = backend(hidden)
         n, vocab = hidden.shape[0], weight.shape[0]
         step = _chunk_rows(vocab)
-        buffer = hidden.new_empty(min(step, n), vocab)
-        logp = torch.empty(n, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
-        lse = torch.empty_like(logp)
-        for s in range(0, n, step):
-            logits = _logits_into(buffer, hidden[s : s + step], weight, bias)
-            logp[s : s + step], lse[s : s + step] = impl.forward(logits, targets[s : s + step], ignore_index)
+        if impl is torch_backend and hidden.device.type == "cpu":
+            logp, lse = _tiled_forward(hidden, weight, bias, targets, ignore_index)
+        else:
+            buffer = hidden.new_empty(min(step, n), vocab)
+            logp = torch.empty(n, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
+            lse = torch.empty_like(logp)
+            for s in range(0, n, step):
+                logits = _logits_into(buffer, hidden[s : s + step], weight, bias)
+                logp[s : s + step], lse[s : s + step] = impl.forward(logits, targets[s : s + step], ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.impl, ctx.ignore_index, ctx.step = impl, ignore_index, step
         return logp

@@ -85,3 +85,25 @@ def test_shape_errors():
         linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="hidden size"):
         linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,bias", [(7, False), (1000, True)])
+def test_cpu_vocabulary_tiles_match_reference(monkeypatch, dtype, vocab, bias):
+    """The CPU forward's running logsumexp over tiles, with partial last tiles in both directions."""
+    monkeypatch.setenv("DPORM_KERNEL", "torch")
+    monkeypatch.setattr(linear_module, "VOCAB_BLOCK", 3)
+    monkeypatch.setattr(linear_module, "CPU_ROWS", 2)
+    h, w, b, t = make(5, 16, vocab, dtype, bias=bias)
+    t[1], t[2] = vocab - 1, 0  # targets in the last (partial) tile and the first
+    logp, lse = linear_module._tiled_forward(h.detach(), w.detach(), None if b is None else b.detach(), t, -100)
+    ref = reference(h.detach(), w.detach(), t, None if b is None else b.detach())
+    atol, rtol = FWD_TOL[dtype]
+    torch.testing.assert_close(logp.double(), ref, atol=atol, rtol=rtol)
+    logits = torch.nn.functional.linear(h.double(), w.double(), None if b is None else b.double())
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=atol, rtol=rtol)
+    assert logp[0] == 0 and logp.dtype == torch.float32
+    monkeypatch.setattr(linear_module, "VOCAB_BLOCK", 2048)
+    monkeypatch.setattr(linear_module, "CPU_ROWS", 512)
+    whole, _ = linear_module._tiled_forward(h.detach(), w.detach(), None if b is None else b.detach(), t, -100)
+    torch.testing.assert_close(whole, logp, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
