@@ -283,4 +283,6 @@ def _collect(rows: list, seqs: Sequence[Encoded], device) -> SequenceLogprobs:
     r_width = max(len(s.response_ids) for s in seqs)
     token_logps = torch.stack([torch.nn.functional.pad(r, (0, r_width - r.shape[0])) for r in rows])
     tokens = torch.tensor([len(s.response_ids) for s in seqs], dtype=torch.long, device=device)
-    return SequenceLogprobs(token_logps.sum(-1), tokens, token_logps)
+    # Each sum over exactly the row's own tokens: the scorer's per_token(i).sum() then gives the same float.
+    logp = torch.stack([r[: len(s.response_ids)].sum() for r, s in zip(rows, seqs, strict=True)])
+    return SequenceLogprobs(logp, tokens, token_logps)
