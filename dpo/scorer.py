@@ -102,6 +102,15 @@ class RewardModel:
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
+    @property
+    def precision(self) -> str:
+        """``"bf16-mixed"`` (:func:`dpo.models.mix_precision`), else the policy's weight dtype, e.g. ``"float32"``."""
+        from dpo.models import AUTOCAST_ATTRIBUTE, MIXED
+
+        if getattr(self.policy, AUTOCAST_ATTRIBUTE, None) is not None:
+            return MIXED
+        return str(next(self.policy.parameters()).dtype).removeprefix("torch.")
+
     def encode(self, prompt: Prompt, response: str, allow_response_truncation: bool | None = None) -> Encoded:
         allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
         return encode(self.tokenizer, prompt, response, self.max_length, allow)

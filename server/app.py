@@ -307,7 +307,7 @@ def create_app(state: State, loader=None) -> FastAPI:
             "reference_free": not m.has_reference,
             "models": m.info,
             "device": str(m.device),
-            "dtype": str(next(m.policy.parameters()).dtype),
+            "dtype": m.precision,
             "reference_cache": {
                 "capacity": m.ref_cache.capacity,
                 "hits": m.ref_cache.hits,

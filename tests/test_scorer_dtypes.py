@@ -55,6 +55,7 @@ def test_bf16_mixed_keeps_the_residual_stream_fp32(smollm_tokenizer, tmp_path):
         assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
         assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
         assert model.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert (full.precision, plain.precision, mixed.precision) == ("float32", "bfloat16", "bf16-mixed")
     want, got, rounded = full.score_encoded(seqs), mixed.score_encoded(seqs), plain.score_encoded(seqs)
     err_mixed = sum(abs(g.logp_policy - w.logp_policy) for g, w in zip(got, want, strict=True))
     err_plain = sum(abs(g.logp_policy - w.logp_policy) for g, w in zip(rounded, want, strict=True))
