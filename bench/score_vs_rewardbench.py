@@ -44,15 +44,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(importlib.util.find_spec("transformers").origin).parents[1]
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` GFLOP/s of an n×n×n matmul on the CPU: the practical ceiling."""
-    a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+def gemm_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float:
+    """Best-of-``reps`` GFLOP/s of an n×n×n matmul (n = 2048 on a CPU, 8192 on a GPU): the practical ceiling."""
+    n = 8192 if device != "cpu" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     times = []
     for _ in range(reps + 1):
+        _sync(device)
         start = time.perf_counter()
         a @ b
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times[1:]) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def load_dpo_inference():
@@ -177,6 +185,7 @@ def main() -> None:
     p.add_argument("--limit", type=int)
     p.add_argument("--rb-batch-sizes", default="1", help="comma-separated DPOInference batch sizes")
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per dporm scoring call")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, try --batch-pairs 32 --rb-batch-sizes 1,8)")
     p.add_argument("--delta-artifact", help="also score in bf16 with this dporm extract --delta-rank artifact")
     p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,own")
     p.add_argument("--output", default=str(ROOT / "bench/results/score_vs_rewardbench.json"))
@@ -185,18 +194,20 @@ def main() -> None:
     reference = str(pull_default_model()) if args.reference == "default" else args.reference
     tokenizer = load_tokenizer(reference)
     rows = list(read_records(args.data))[: args.limit]
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+    device = args.device
+    peaks = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
     print(f"{len(rows)} pairs, {torch.get_num_threads()} threads, GEMM peak fp32 {peaks['fp32']:.0f} "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
 
-    fp32 = {"policy": load_model(args.policy), "reference": load_model(reference)}
+    fp32 = {"policy": load_model(args.policy, device=device), "reference": load_model(reference, device=device)}
     DPOInference = load_dpo_inference()
     rb_tok = load_tokenizer(reference)
     rb_tok.pad_token = rb_tok.eos_token  # as run_dpo.py
-    dpo = DPOInference(fp32["policy"], fp32["reference"], rb_tok, accelerator=type("A", (), {"device": "cpu"})())
+    dpo = DPOInference(fp32["policy"], fp32["reference"], rb_tok, accelerator=type("A", (), {"device": device})())
     features = [dpo.tokenize_row(r) for r in rewardbench_rows(rb_tok, rows)]
     pairs = [compat_pairs(f) for f in features]
-    report: dict = {"pairs": len(rows), "threads": torch.get_num_threads(), "cpu": platform.processor(),
+    report: dict = {"pairs": len(rows), "threads": torch.get_num_threads(), "cpu": platform.processor(), "device":
+                    torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                     "gemm_peak_gflop_s": peaks, "sides": {}}  # fmt: skip
 
     def record(name: str, seconds: float, flops: tuple[float, float], peak: str, rewards, baseline=None) -> None:
@@ -246,22 +257,18 @@ def main() -> None:
         record("dporm fp32 own-encoding", seconds, dporm_flops(fp32["policy"], own), "fp32",
                [(a / args.beta, b / args.beta) for a, b in rewards])  # fmt: skip
     del scorer, fp32, dpo
-    if "bf16" not in skip:
-        bf16 = RewardModel(load_model(args.policy, "bf16"), load_model(reference, "bf16"), tokenizer, args.beta,
-                           ref_cache_size=0)  # fmt: skip
-        seconds, rewards = time_dporm(bf16, pairs, args.batch_pairs)
-        record("dporm bf16", seconds, dporm_flops(bf16.policy, pairs), "bf16",
+    for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed")):
+        if side in skip:
+            continue
+        low = RewardModel(load_model(args.policy, dtype, device), load_model(reference, dtype, device), tokenizer,
+                          args.beta, ref_cache_size=0)  # fmt: skip
+        seconds, rewards = time_dporm(low, pairs, args.batch_pairs)
+        record(f"dporm {dtype}", seconds, dporm_flops(low.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
-    if "mixed" not in skip:
-        mixed = RewardModel(load_model(args.policy, "bf16-mixed"), load_model(reference, "bf16-mixed"), tokenizer,
-                            args.beta, ref_cache_size=0)  # fmt: skip
-        seconds, rewards = time_dporm(mixed, pairs, args.batch_pairs)
-        record("dporm bf16-mixed", seconds, dporm_flops(mixed.policy, pairs), "bf16",
-               [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
-        del mixed
+        del low
     if args.delta_artifact:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.
-        delta = load_reward_model(args.delta_artifact, dtype="bf16", device="cpu", ref_cache_size=0)
+        delta = load_reward_model(args.delta_artifact, dtype="bf16", device=device, ref_cache_size=0)
         seconds, rewards = time_dporm(delta, pairs, args.batch_pairs)
         record("dporm bf16 delta artifact", seconds, dporm_flops(delta.policy, pairs), "bf16",
                [(a / delta.beta, b / delta.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
