@@ -4,7 +4,7 @@
     scores every chosen/rejected pair of a RewardBench-schema file; then ``dporm serve`` (a separate
     process, same models, reference cache off) gets the same pairs as one-pair ``/v1/preference``
     requests from N concurrent clients. Reported: pairs/s of both, their ratio, p50/p99 latency.
-(d) Rerank: for prompts whose token count is at least their responses', one ``/v1/rerank`` with 8
+(d) Rerank: for prompts whose token count is at least their 8 responses' together, one ``/v1/rerank`` with 8
     documents (the prompt computed once) vs 8 independent ``/v1/rewards`` requests of one item
     (sent one after another, so nothing can share the prompt), and one ``/v1/rewards`` with 8 items.
 
@@ -84,7 +84,7 @@ async def load_test(args: argparse.Namespace, rows: list[dict]) -> tuple[float, 
 
 
 def rerank_cases(args: argparse.Namespace, tokenizer) -> list[tuple[list[dict], list[str]]]:
-    """HH-RLHF conversations with 8 candidate replies each, prompt tokens >= every reply's tokens."""
+    """HH-RLHF conversations with 8 candidate replies each, the prompt's tokens >= all 8 replies' tokens together."""
     data = load_preferences(args.rerank_data, report=lambda msg: None)
     replies = [r for ex in data.examples[:400] for r in ex.responses if r.strip()]
     cases = []
@@ -93,9 +93,9 @@ def rerank_cases(args: argparse.Namespace, tokenizer) -> list[tuple[list[dict], 
             continue
         text = tokenizer.apply_chat_template(list(ex.prompt), add_generation_prompt=True, tokenize=False)
         prompt_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-        if prompt_tokens < 160:
+        if prompt_tokens < 240:
             continue
-        docs = [r for r in replies if len(tokenizer(r, add_special_tokens=False).input_ids) <= prompt_tokens // 2]
+        docs = [r for r in replies if len(tokenizer(r, add_special_tokens=False).input_ids) <= prompt_tokens // 8]
         offset = len(cases) * 8 % max(len(docs) - 8, 1)
         cases.append((ex.prompt, docs[offset : offset + 8]))
         if len(cases) == args.rerank_prompts:
