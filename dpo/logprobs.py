@@ -225,7 +225,8 @@ def unpadded_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequ
             again, _ = _forward(model, head, input_ids=ids, use_cache=False)
             picked.append(again[0, n - 1 :])
         elif len(response) > 1:
-            cache.crop(n - cache.get_seq_length())  # negative: drop the previous response's tokens
+            if cache.get_seq_length() > n:  # crop(-k) drops k tokens; crop(0) would empty older caches
+                cache.crop(n - cache.get_seq_length())
             ids = torch.tensor([list(response[:-1])], dtype=torch.long, device=device)
             positions = torch.arange(n, n + len(response) - 1, device=device).unsqueeze(0)
             rest, cache = _forward(model, head, input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
