@@ -4,15 +4,16 @@ For a sequence ``prompt_ids + response_ids`` the result is, per sequence,
 
     logp = Σ_{t in response} log π(x_t | x_<t)      (float32, whatever the model dtype)
 
-with the token count and the per-token values. Sequences are right-padded with an
-attention mask. Responses that share a prompt (chosen/rejected, N samples to rerank)
-compute the prompt once: its KV cache serves every response. On an accelerator the
-responses run as one right-padded batch over the expanded cache; on a CPU each runs
-alone over the cache (no padding: a CPU gains nothing from a wide batch, and padding
-costs it real FLOPs), the cache cropped back to the prompt after each. The LM head is
-applied only at positions that predict a response token, through
-:func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist; a LoRA-wrapped
-head is folded into one augmented linear map, ``[h, h Aᵀ] [W, s B]ᵀ``.
+with the token count and the per-token values. Responses that share a prompt (chosen/rejected,
+N samples to rerank) compute the prompt once. On an accelerator, sequences run as right-padded
+batches and a shared prompt's KV cache serves all its responses at once. On a CPU, where padding
+costs real FLOPs and a matmul needs many rows to reach its peak, sequences are packed
+(:mod:`dpo.packing`): the rows of many sequences go through one forward, attention kept per
+sequence, each further response attending to its prompt's keys as it would over a KV cache.
+Models whose attention cannot be packed (sliding windows) run each sequence alone over a
+cropped prompt cache instead. The LM head is applied only at positions that predict a response
+token, through :func:`kernels.linear_token_logprobs`, so no [B, T, V] logits ever exist; a
+LoRA-wrapped head is folded into one augmented linear map, ``[h, h Aᵀ] [W, s B]ᵀ``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch
 
 from dpo.encoding import Encoded
 from dpo.models import AUTOCAST_ATTRIBUTE
+from dpo.packing import PLAN_KEYWORD, pack_groups, packable, use_packed_attention
 from kernels import linear_token_logprobs, token_logprobs
 
 IGNORE_INDEX = -100
+PACK_TOKENS = 1024  # rows per packed CPU forward: CPU matmuls plateau near 1000 rows, elementwise ops leave cache
 
 
 @dataclass
@@ -110,7 +113,7 @@ def _forward(model, head, cache=None, **kwargs) -> tuple[torch.Tensor, object]:
 
     A model loaded as ``bf16-mixed`` (:func:`dpo.models.mix_precision`) runs under autocast.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = _decoder(model)
     name = _cache_argument(type(decoder))
     if cache is not None:
         kwargs[name] = cache
@@ -144,6 +147,10 @@ def _pad(rows: Sequence[Sequence[int]], width: int, value: int, device) -> torch
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out.to(device)
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model
 
 
 def _device(model) -> torch.device:
@@ -208,7 +215,7 @@ def shared_prompt_logprobs(model, prompt_ids: Sequence[int], responses: Sequence
 
 
 def unpadded_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Per-response ``[R_k]`` log-probs, every forward a batch of one: nothing is padded.
+    """Per-response ``[R_k]`` log-probs, every forward a batch of one: the CPU path of unpackable models.
 
     The first forward runs the prompt and the first response together; each further response
     runs over the prompt's KV cache, which is then cropped back to the prompt. One LM-head call
@@ -217,10 +224,13 @@ def unpadded_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequ
     device, head, n = _device(model), _separable_head(model), len(prompt_ids)
     first = torch.tensor([list(prompt_ids) + list(responses[0][:-1])], dtype=torch.long, device=device)
     states, cache = _forward(model, head, input_ids=first, use_cache=len(responses) > 1)
+    decoder = _decoder(model)
+    # Sliding-window layers keep no past beyond their window: such a cache cannot be cropped back.
+    croppable = packable(decoder.config) and getattr(cache, "is_croppable", True)
     prompt_last = states[0, n - 1 : n]  # predicts every response's first token
     picked = [states[0, n - 1 : n - 1 + len(responses[0])]]
     for response in responses[1:]:
-        if len(response) > 1 and not getattr(cache, "is_croppable", True):  # sliding-window or recurrent layers
+        if len(response) > 1 and not croppable:  # recompute the prompt
             ids = torch.tensor([list(prompt_ids) + list(response[:-1])], dtype=torch.long, device=device)
             again, _ = _forward(model, head, input_ids=ids, use_cache=False)
             picked.append(again[0, n - 1 :])
@@ -237,6 +247,30 @@ def unpadded_logprobs(model, prompt_ids: Sequence[int], responses: Sequence[Sequ
     return list(_token_logps(head, torch.cat(picked), targets).split([len(r) for r in responses]))
 
 
+def packed_logprobs(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> list | None:
+    """Per-response ``[R_k]`` log-probs of ``(prompt, responses)`` groups, packed into few forwards.
+
+    See :mod:`dpo.packing`: all sequences' rows share the matmuls, attention stays per sequence,
+    each prompt is computed once. None when the model's attention cannot be packed.
+    """
+    if not use_packed_attention(_decoder(model).config):
+        return None
+    device, head, out = _device(model), _separable_head(model), []
+    responses = [r for _, rs in groups for r in rs]
+    for pack in pack_groups(groups, PACK_TOKENS):
+        ids = torch.tensor([pack.input_ids], dtype=torch.long, device=device)
+        positions = torch.tensor([pack.position_ids], dtype=torch.long, device=device)
+        states, _ = _forward(model, head, input_ids=ids, position_ids=positions, use_cache=False,
+                             **{PLAN_KEYWORD: pack})  # fmt: skip
+        if pack.calls == 0:  # the model's layers bypass transformers' attention interface
+            return None
+        rows = torch.tensor([r for rows in pack.rows for r in rows], dtype=torch.long, device=device)
+        mine = responses[len(out) : len(out) + len(pack.rows)]
+        targets = torch.tensor([t for r in mine for t in r], dtype=torch.long, device=device)
+        out += list(_token_logps(head, states[0, rows], targets).split([len(r) for r in mine]))
+    return out
+
+
 def _pads_batches(model) -> bool:
     """Right-padded batches on accelerators, where width is nearly free; batches of one on CPUs."""
     return _device(model).type != "cpu"
@@ -250,8 +284,9 @@ def sequence_logprobs(
     Sequences with identical ``prompt_ids`` are computed with the prompt once
     (:func:`shared_prompt_logprobs`) when ``share_prompts``; the rest go through one
     right-padded forward (:func:`batch_logprobs`). With ``padded=False`` (the default on a
-    CPU) every sequence runs in a batch of one (:func:`unpadded_logprobs`); both ways give the
-    same values up to float rounding. Callers choose the batch; gradients flow when the model
+    CPU) nothing is padded: sequences are packed (:func:`packed_logprobs`), or run one by one
+    (:func:`unpadded_logprobs`) when the model cannot be packed; all ways give the same values
+    up to float rounding. Callers choose the batch; gradients flow when the model
     requires them (training).
     """
     if not seqs:
@@ -262,10 +297,13 @@ def sequence_logprobs(
         groups.setdefault(s.prompt_ids if share_prompts else (i,), []).append(i)
     rows: list[torch.Tensor | None] = [None] * len(seqs)
     if not (_pads_batches(model) if padded is None else padded):
-        for ix in groups.values():
-            part = unpadded_logprobs(model, seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix])
-            for row, i in zip(part, ix, strict=True):
-                rows[i] = row
+        order = list(groups.values())
+        work = [(seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix]) for ix in order]
+        parts = packed_logprobs(model, work)
+        if parts is None:
+            parts = [row for prompt, responses in work for row in unpadded_logprobs(model, prompt, responses)]
+        for row, i in zip(parts, [i for ix in order for i in ix], strict=True):
+            rows[i] = row
         return _collect(rows, seqs, device)
     singles = [ix[0] for ix in groups.values() if len(ix) == 1]
     if singles:
