@@ -7,6 +7,7 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
     dporm fp32    RewardModel.score_encoded (the code ``dporm score`` and the server run) on the same token ids
     dporm bf16    the same with bf16 weights (log-softmax stays fp32)
     bf16-mixed    bf16 decoder matmuls under autocast; residual stream, norms, LM head in fp32
+    bf16-paired   both models in one pass, the policy as the reference plus an fp32 difference (dpo.paired)
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
@@ -187,7 +188,7 @@ def main() -> None:
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per dporm scoring call")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, try --batch-pairs 32 --rb-batch-sizes 1,8)")
     p.add_argument("--delta-artifact", help="also score in bf16 with this dporm extract --delta-rank artifact")
-    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,own")
+    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,paired,own")
     p.add_argument("--output", default=str(ROOT / "bench/results/score_vs_rewardbench.json"))
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -257,11 +258,12 @@ def main() -> None:
         record("dporm fp32 own-encoding", seconds, dporm_flops(fp32["policy"], own), "fp32",
                [(a / args.beta, b / args.beta) for a, b in rewards])  # fmt: skip
     del scorer, fp32, dpo
-    for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed")):
+    for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed"), ("paired", "bf16-paired")):
         if side in skip:
             continue
-        low = RewardModel(load_model(args.policy, dtype, device), load_model(reference, dtype, device), tokenizer,
-                          args.beta, ref_cache_size=0)  # fmt: skip
+        paired, weights = dtype == "bf16-paired", "float32" if dtype == "bf16-paired" else dtype
+        low = RewardModel(load_model(args.policy, weights, device), load_model(reference, weights, device), tokenizer,
+                          args.beta, ref_cache_size=0, paired=paired)  # fmt: skip
         seconds, rewards = time_dporm(low, pairs, args.batch_pairs)
         record(f"dporm {dtype}", seconds, dporm_flops(low.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip

@@ -264,11 +264,16 @@ def packed_logprobs(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequen
                              **{PLAN_KEYWORD: pack})  # fmt: skip
         if pack.calls == 0:  # the model's layers bypass transformers' attention interface
             return None
-        rows = torch.tensor([r for rows in pack.rows for r in rows], dtype=torch.long, device=device)
-        mine = responses[len(out) : len(out) + len(pack.rows)]
-        targets = torch.tensor([t for r in mine for t in r], dtype=torch.long, device=device)
-        out += list(_token_logps(head, states[0, rows], targets).split([len(r) for r in mine]))
+        rows, targets, sizes = pack_targets(pack, responses[len(out) : len(out) + len(pack.rows)], device)
+        out += list(_token_logps(head, states[0, rows], targets).split(sizes))
     return out
+
+
+def pack_targets(pack, responses: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(rows, targets, sizes)`` of a pack's ``responses``: the state rows that predict each target token."""
+    rows = torch.tensor([r for rows in pack.rows for r in rows], dtype=torch.long, device=device)
+    targets = torch.tensor([t for r in responses for t in r], dtype=torch.long, device=device)
+    return rows, targets, [len(r) for r in responses]
 
 
 def _pads_batches(model) -> bool:
@@ -292,33 +297,50 @@ def sequence_logprobs(
     if not seqs:
         raise ValueError("sequence_logprobs needs at least one sequence")
     device = _device(model)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(s.prompt_ids if share_prompts else (i,), []).append(i)
+    groups = prompt_groups(seqs, share_prompts)
     rows: list[torch.Tensor | None] = [None] * len(seqs)
     if not (_pads_batches(model) if padded is None else padded):
-        order = list(groups.values())
-        work = [(seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix]) for ix in order]
+        work = group_work(seqs, groups)
         parts = packed_logprobs(model, work)
         if parts is None:
             parts = [row for prompt, responses in work for row in unpadded_logprobs(model, prompt, responses)]
-        for row, i in zip(parts, [i for ix in order for i in ix], strict=True):
-            rows[i] = row
-        return _collect(rows, seqs, device)
-    singles = [ix[0] for ix in groups.values() if len(ix) == 1]
+        return collect(in_input_order(parts, groups), seqs, device)
+    singles = [ix[0] for ix in groups if len(ix) == 1]
     if singles:
         part = batch_logprobs(model, [seqs[i] for i in singles])
         for row, i in zip(part, singles, strict=True):
             rows[i] = row
-    for ix in groups.values():
+    for ix in groups:
         if len(ix) > 1:
             part = shared_prompt_logprobs(model, seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix])
             for row, i in zip(part, ix, strict=True):
                 rows[i] = row
-    return _collect(rows, seqs, device)
+    return collect(rows, seqs, device)
 
 
-def _collect(rows: list, seqs: Sequence[Encoded], device) -> SequenceLogprobs:
+def prompt_groups(seqs: Sequence[Encoded], share_prompts: bool = True) -> list[list[int]]:
+    """Indices of ``seqs`` grouped by identical prompt (each alone unless ``share_prompts``), first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.prompt_ids if share_prompts else (i,), []).append(i)
+    return list(groups.values())
+
+
+def group_work(seqs: Sequence[Encoded], groups: list[list[int]]) -> list[tuple[tuple[int, ...], list]]:
+    """``(prompt_ids, [response_ids, …])`` per group, the input of :func:`dpo.packing.pack_groups`."""
+    return [(seqs[ix[0]].prompt_ids, [seqs[i].response_ids for i in ix]) for ix in groups]
+
+
+def in_input_order(parts: Sequence[torch.Tensor], groups: list[list[int]]) -> list[torch.Tensor]:
+    """Per-sequence rows, from group order (``parts``) back to input order."""
+    rows: list = [None] * len(parts)
+    for row, i in zip(parts, [i for ix in groups for i in ix], strict=True):
+        rows[i] = row
+    return rows
+
+
+def collect(rows: list, seqs: Sequence[Encoded], device) -> SequenceLogprobs:
+    """Per-sequence ``[R_i]`` rows, in input order, as :class:`SequenceLogprobs`."""
     r_width = max(len(s.response_ids) for s in seqs)
     token_logps = torch.stack([torch.nn.functional.pad(r, (0, r_width - r.shape[0])) for r in rows])
     tokens = torch.tensor([len(s.response_ids) for s in seqs], dtype=torch.long, device=device)

@@ -11,15 +11,17 @@ from dpo.errors import DpormError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bf16 matmul weights, everything else float32: see mix_precision.
 MIXED = "bf16-mixed"
+# A policy and its reference in one pass, bf16 matmuls with shared rounding: dpo.paired (scoring only).
+PAIRED = "bf16-paired"
 AUTOCAST_ATTRIBUTE = "dporm_autocast_dtype"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", MIXED: "float32"}
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", MIXED: "float32", PAIRED: "float32"}
     try:
         return DTYPES[aliases.get(name, name)]
     except KeyError:
-        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, bf16-mixed, fp16") from None
+        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, bf16-mixed, bf16-paired, fp16") from None
 
 
 def mix_precision(model, dtype: torch.dtype = torch.bfloat16):
@@ -83,6 +85,8 @@ def load_model(
     """A causal LM in eval mode. Pickle checkpoints are refused unless ``allow_pickle``."""
     from transformers import AutoModelForCausalLM
 
+    if dtype == PAIRED:
+        raise DpormError(f"--dtype {PAIRED} scores a policy with its reference: use it with score, serve or eval")
     _check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -85,6 +85,7 @@ class RewardModel:
         name: str = "dporm",
         ref_cache_size: int = 4096,
         info: dict | None = None,
+        paired: bool = False,
     ):
         if normalize not in NORMALIZATIONS:
             raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -93,6 +94,14 @@ class RewardModel:
         self.max_length, self.allow_response_truncation = max_length, allow_response_truncation
         self.ref_cache = ReferenceCache(ref_cache_size)
         self.info = info or {}
+        self.paired = None
+        if paired:  # bf16 matmuls, the policy as the reference plus a difference stream: dpo.paired
+            from dpo.models import PAIRED
+            from dpo.paired import PairedModel
+
+            if not isinstance(reference, torch.nn.Module):
+                raise DpormError(f"{PAIRED} needs a separate reference model (not reference-free, not an adapter)")
+            self.paired = PairedModel(policy, reference)
 
     @property
     def has_reference(self) -> bool:
@@ -105,8 +114,10 @@ class RewardModel:
     @property
     def precision(self) -> str:
         """``"bf16-mixed"`` (:func:`dpo.models.mix_precision`), else the policy's weight dtype, e.g. ``"float32"``."""
-        from dpo.models import AUTOCAST_ATTRIBUTE, MIXED
+        from dpo.models import AUTOCAST_ATTRIBUTE, MIXED, PAIRED
 
+        if self.paired is not None:
+            return PAIRED
         if getattr(self.policy, AUTOCAST_ATTRIBUTE, None) is not None:
             return MIXED
         return str(next(self.policy.parameters()).dtype).removeprefix("torch.")
@@ -145,9 +156,14 @@ class RewardModel:
             raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
         if not seqs:
             return []
-        policy = sequence_logprobs(self.policy, seqs)
         use_ref = self.has_reference and not reference_free
-        ref, hits = self._reference_token_logps(seqs) if use_ref else (None, [False] * len(seqs))
+        if self.paired is not None:  # both models in one pass; the reference cache would save nothing
+            policy, both = self.paired.logprobs(seqs)
+            ref = [both.per_token(i) for i in range(len(seqs))] if use_ref else None
+            hits = [False] * len(seqs)
+        else:
+            policy = sequence_logprobs(self.policy, seqs)
+            ref, hits = self._reference_token_logps(seqs) if use_ref else (None, [False] * len(seqs))
         results = []
         for i, seq in enumerate(seqs):
             pol_tokens = policy.per_token(i).cpu()
@@ -211,8 +227,9 @@ def load_reward_model(
     normalize: str | None = None,
 ) -> RewardModel:
     """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
-    from dpo.models import load_model, load_tokenizer, weights_hash
+    from dpo.models import PAIRED, load_model, load_tokenizer, weights_hash
 
+    paired = dtype == PAIRED
     if artifact:
         manifest = Manifest.load(artifact)
         policy_path = manifest.resolve(artifact, manifest.policy)
@@ -226,7 +243,14 @@ def load_reward_model(
             )
         manifest, policy_path, reference_path, beta_value, adapter = None, policy, reference, beta, False
         tokenization, name = {}, Path(policy).name
-    load = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if paired and (adapter or not reference_path):
+        raise DpormError(f"--dtype {PAIRED} needs a policy and a separate reference (not an adapter artifact)")
+    load = dict(
+        dtype="float32" if paired else dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
     tokenizer = load_tokenizer(reference_path if adapter else policy_path, trust_remote_code)
     template = tokenization.get("chat_template")
     if template is not None and getattr(tokenizer, "chat_template", None) != template:
@@ -263,4 +287,5 @@ def load_reward_model(
         name,
         ref_cache_size,
         info,
+        paired,
     )

@@ -13,7 +13,7 @@ from dpo.batching import encode_examples
 from dpo.checkpoints import list_checkpoints, load_checkpoint
 from dpo.errors import DpormError
 from dpo.manifest import Manifest
-from dpo.models import MIXED, load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
+from dpo.models import MIXED, PAIRED, load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
 from dpo.preference_data import Columns, PreferenceData, load_preferences
 from dpo.reference import adapter_off_reference, cache_key, model_reference, no_reference, precomputed_reference
 from dpo.train_config import TrainConfig, build_config
@@ -78,8 +78,8 @@ def run_train(given: dict) -> Path:
     from dpo.logprobs_command import resolve_model_path
 
     c, _ = build_config(given)
-    if c.dtype == MIXED:
-        raise DpormError(f"--dtype {MIXED} is for scoring; train with --mixed-precision bf16 (fp32 master weights)")
+    if c.dtype in (MIXED, PAIRED):
+        raise DpormError(f"--dtype {c.dtype} is for scoring; train with --mixed-precision bf16 (fp32 master weights)")
     dtype, device = resolve_dtype(c.dtype), resolve_device(c.device)
     output = Path(c.output).expanduser()
     resume_from = _check_output(c, output)
