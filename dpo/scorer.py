@@ -243,8 +243,8 @@ def load_reward_model(
             )
         manifest, policy_path, reference_path, beta_value, adapter = None, policy, reference, beta, False
         tokenization, name = {}, Path(policy).name
-    if paired and (adapter or not reference_path):
-        raise DpormError(f"--dtype {PAIRED} needs a policy and a separate reference (not an adapter artifact)")
+    if paired and not reference_path:
+        raise DpormError(f"--dtype {PAIRED} needs a reference model (this one is reference-free)")
     load = dict(
         dtype="float32" if paired else dtype,
         device=device,
@@ -260,8 +260,12 @@ def load_reward_model(
 
         base = load_model(reference_path, **load)
         ref_hash = weights_hash(base)
-        policy_model = PeftModel.from_pretrained(base, policy_path).eval()
-        ref_model = "adapter"
+        if paired:  # the paired pass needs the policy's own weights: base + adapter, merged into a second copy
+            merged = PeftModel.from_pretrained(load_model(reference_path, **load), policy_path)
+            policy_model, ref_model = merged.merge_and_unload().eval(), base
+        else:
+            policy_model = PeftModel.from_pretrained(base, policy_path).eval()
+            ref_model = "adapter"
     else:
         if reference_path:
             _check_tokenizers(policy_path, reference_path, trust_remote_code)

@@ -160,3 +160,20 @@ def test_cli_scores_with_bf16_paired_and_train_refuses_it(smollm_tokenizer, tmp_
     capsys.readouterr()
     assert main(["train", "--dtype", "bf16-paired", "--data", str(data), "--output", str(tmp_path / "run")]) == 1
     assert "for scoring" in capsys.readouterr().err
+
+
+def test_adapter_artifact_runs_paired_as_base_plus_merged_copy(smollm_tokenizer, tmp_path):
+    reference = make_tiny_llama(vocab_size=len(smollm_tokenizer), **SIZE)
+    policy = _fine_tuned(reference)
+    for name, model in (("policy", policy), ("reference", reference)):
+        model.save_pretrained(tmp_path / name)
+        smollm_tokenizer.save_pretrained(tmp_path / name)
+    argv = ["extract", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"), "--beta",
+            "0.5", "--delta-rank", "64", "--max-length", "128", "--output", str(tmp_path / "rm")]  # fmt: skip
+    assert main(argv) == 0
+    exact, paired = (load_reward_model(str(tmp_path / "rm"), dtype=d) for d in ("fp32", "bf16-paired"))
+    assert exact.reference == "adapter" and paired.precision == "bf16-paired"
+    assert type(paired.policy).__name__ == "LlamaForCausalLM"  # merged: no LoRA layers left
+    prompts, responses = ["Tell me one fact about the moon."] * 3, ["It orbits the Earth.", "No.", "Rock and dust."]
+    want, got = exact.score(prompts, responses), paired.score(prompts, responses)
+    assert [g.reward for g in got] == pytest.approx([w.reward for w in want], abs=0.01)
