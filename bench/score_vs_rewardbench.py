@@ -45,18 +45,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(importlib.util.find_spec("transformers").origin).parents[1]
 
 
-def gemm_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 5) -> float:
-    """Best-of-``reps`` GFLOP/s of an n×n×n matmul (n = 2048 on a CPU, 8192 on a GPU): the practical ceiling."""
+def gemm_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of back-to-back n×n×n matmuls (n = 2048 on a CPU, 8192 on a GPU), median over ``seconds``.
+
+    A median over seconds, not a best-of-few: a shared VM's short bursts run well above what it sustains.
+    """
     n = 8192 if device != "cpu" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    times = []
-    for _ in range(reps + 1):
+    a @ b  # warm-up
+    times: list[float] = []
+    while sum(times) < seconds or len(times) < 5:
         _sync(device)
         start = time.perf_counter()
         a @ b
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times[1:]) / 1e9
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
 
 
 def _sync(device: str) -> None:
@@ -279,7 +283,7 @@ def main() -> None:
         seconds, rewards = time_dporm(delta, pairs, args.batch_pairs)
         record("dporm bf16 delta artifact", seconds, dporm_flops(delta.policy, pairs), "bf16",
                [(a / delta.beta, b / delta.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
-    # A shared VM's GEMM peak drifts: the higher of the readings before and after is the ceiling MFU is judged by.
+    # A shared VM's sustained GEMM rate drifts: MFU is judged against the higher of the readings before and after.
     after = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
     report["gemm_peak_readings"] = {"before": dict(peaks), "after": after}
     report["gemm_peak_gflop_s"] = peaks = {k: max(v, after[k]) for k, v in peaks.items()}
