@@ -90,6 +90,11 @@ def test_concurrent_threads_on_one_model_get_their_own_results():
             torch.testing.assert_close(out, torch.cat(alone[i : i + 2]), atol=1e-6, rtol=0)
 
 
+def _assert_is_the_definition(model, out) -> None:
+    for i, s in enumerate(SEQS):
+        torch.testing.assert_close(out.per_token(i).double(), reference_logps(model, s), atol=1e-5, rtol=1e-5)
+
+
 def test_sliding_window_models_are_not_packed():
     model = make_tiny_llama(sliding_window=4)
     assert not packable(model.config)
@@ -98,8 +103,7 @@ def test_sliding_window_models_are_not_packed():
     with torch.no_grad():
         out = sequence_logprobs(model, SEQS, padded=False)
     assert model.config._attn_implementation == "sdpa"
-    for i, s in enumerate(SEQS):
-        torch.testing.assert_close(out.per_token(i).double(), reference_logps(model, s), atol=1e-5, rtol=1e-5)
+    _assert_is_the_definition(model, out)
 
 
 def test_eager_models_are_not_packed():
@@ -117,8 +121,7 @@ def test_models_that_bypass_the_attention_interface_fall_back(monkeypatch):
     with torch.no_grad():
         out = sequence_logprobs(model, SEQS, padded=False)
     assert model.config._attn_implementation == "sdpa"
-    for i, s in enumerate(SEQS):
-        torch.testing.assert_close(out.per_token(i).double(), reference_logps(model, s), atol=1e-5, rtol=1e-5)
+    _assert_is_the_definition(model, out)
 
 
 def test_block_defaults():
