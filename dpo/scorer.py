@@ -102,6 +102,7 @@ class RewardModel:
             if not isinstance(reference, torch.nn.Module):
                 raise DpormError(f"{PAIRED} needs a separate reference model (not reference-free, not an adapter)")
             self.paired = PairedModel(policy, reference)
+            self.ref_cache = ReferenceCache(0)  # the paired pass computes the reference anyway: nothing to cache
 
     @property
     def has_reference(self) -> bool:

@@ -117,7 +117,7 @@ def test_scorer_rewards_and_precision(pair, smollm_tokenizer):
     seqs = _seqs()
     exact = RewardModel(policy, reference, smollm_tokenizer, beta=0.5).score_encoded(seqs)
     model = RewardModel(policy, reference, smollm_tokenizer, beta=0.5, paired=True)
-    assert model.precision == "bf16-paired"
+    assert model.precision == "bf16-paired" and model.ref_cache.capacity == 0
     got = model.score_encoded(seqs, normalize="mean", token_rewards=True)
     for g, w, s in zip(got, exact, seqs, strict=True):
         assert g.reward == pytest.approx(w.reward / len(s.response_ids), abs=0.01)
