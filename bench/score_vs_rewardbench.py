@@ -126,6 +126,8 @@ def attention_flops(model, lengths_and_prefixes) -> float:
 
 def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int) -> tuple[float, list[float]]:
     rewards: list[tuple[float, float]] = []
+    with torch.inference_mode():
+        dpo.inference_step(collate(features[:batch_size], pad_id))  # untimed warm-up, as dporm's sides
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(features), batch_size):
@@ -135,6 +137,10 @@ def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int) ->
 
 
 def time_dporm(model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int):
+    """(seconds, rewards) of scoring every pair, after one untimed warm-up batch (bf16-paired compiles there)."""
+    warm = time.perf_counter()
+    model.score_encoded([s for pair in pairs[:batch_pairs] for s in pair])
+    print(f"    warm-up (one batch, first call) {time.perf_counter() - warm:.1f} s")
     rewards = []
     start = time.perf_counter()
     for i in range(0, len(pairs), batch_pairs):

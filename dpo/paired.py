@@ -11,23 +11,25 @@ fp32. Every linear map is
 
 since x_π W_πᵀ = x_ref W_refᵀ + (x_π − x_ref) W_refᵀ + x_π (W_π − W_ref)ᵀ. The rounding of the large
 product y_ref is the same in both models and cancels in the log-ratio to first order; the second
-GEMM rounds only differences, which are small. Norms, rotary positions, attention, the SiLU gate,
-the LM head and log-softmax run in fp32. Identical models give a reward of exactly 0. Cost: 1.5x the
-bf16 matmul FLOPs of scoring the two models apart, no padding (sequences are packed, as
-:mod:`dpo.packing`).
+GEMM rounds only differences, which are small. The LM head is paired the same way, over vocabulary
+tiles (:class:`_PairedHead`). Norms, rotary positions, attention, the SiLU gate and log-softmax run in
+fp32; the elementwise steps between GEMMs are fused kernels (:mod:`dpo.paired_ops`). Identical
+models give a reward of exactly 0. Cost: 1.5x the bf16 matmul FLOPs of scoring the two models apart,
+no padding (sequences are packed, as :mod:`dpo.packing`).
 
 Llama-style decoders only (Llama, Mistral without sliding windows, Qwen2, SmolLM): RMSNorm, q/k/v/o
-projections with optional biases, rotary positions, SiLU-gated MLP, a plain linear LM head.
+projections with optional biases, rotary positions, SiLU-gated MLP, a plain linear LM head without bias.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from dpo import paired_ops
 from dpo.encoding import Encoded
 from dpo.errors import DpormError
 from dpo.logprobs import (
@@ -42,7 +44,7 @@ from dpo.logprobs import (
 )
 from dpo.models import PAIRED
 from dpo.packing import PLAN_KEYWORD, pack_groups, packable, packed_attention
-from kernels import linear_token_logprobs
+from dpo.paired_ops import fused
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -58,8 +60,8 @@ def paired_support(model) -> str | None:
     if not packable(config):
         return f"{PAIRED} needs full attention in every layer (no sliding windows)"
     head = _separable_head(model)
-    if head is None or head.lora:
-        return f"{PAIRED} needs a plain linear LM head"
+    if head is None or head.lora or head.bias is not None:
+        return f"{PAIRED} needs a plain linear LM head without a bias"
     decoder = model.get_decoder()
     for layer in decoder.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -71,7 +73,7 @@ def paired_support(model) -> str | None:
 
 
 class _Linear:
-    """One paired linear map: ``y_ref`` and ``y_π − y_ref`` from ``x_ref`` and ``x_π`` (fp32 in and out)."""
+    """One paired linear map: ``y_ref`` and ``y_π − y_ref`` from the GEMM inputs of :func:`paired_ops.gemm_inputs`."""
 
     def __init__(self, refs: Sequence[torch.nn.Linear], pols: Sequence[torch.nn.Linear], dtype: torch.dtype):
         # Several maps of the same input (q, k, v; gate, up) are one GEMM: weights concatenated along N.
@@ -85,42 +87,102 @@ class _Linear:
         else:
             self.bias = self.bias_delta = None
 
-    def __call__(self, x_ref: torch.Tensor, x_pol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.weight.dtype
-        y_ref = (x_ref.to(dtype) @ self.weight[:, : self.k].t()).float()
-        delta = (torch.cat([x_pol - x_ref, x_pol], dim=-1).to(dtype) @ self.weight.t()).float()
+    def __call__(self, x_ref: torch.Tensor, x_diff_pol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_ref`` [M, K], ``[x_π − x_ref, x_π]`` [M, 2K], in the GEMM dtype; outputs in it (float32 with a bias)."""
+        y_ref, delta = x_ref @ self.weight[:, : self.k].t(), x_diff_pol @ self.weight.t()
         if self.bias is not None:
-            y_ref, delta = y_ref + self.bias, delta + self.bias_delta
+            return _WITH_BIAS(y_ref, delta, self.bias, self.bias_delta)
         return y_ref, delta
 
 
 @dataclass
+class _Norms:
+    """One RMSNorm of each model: float32 weights and the epsilon."""
+
+    ref: torch.Tensor
+    pol: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, ref, pol) -> _Norms:
+        if ref.variance_epsilon != pol.variance_epsilon:
+            raise DpormError(f"{PAIRED}: policy and reference norms have different epsilons")
+        return cls(ref.weight.detach().float(), pol.weight.detach().float(), ref.variance_epsilon)
+
+
+@dataclass
 class _Layer:
-    norms: tuple  # (input, post-attention) RMSNorms of the reference, then of the policy
+    norm_in: _Norms
+    norm_post: _Norms
     qkv: _Linear
     o: _Linear
     gate_up: _Linear
     down: _Linear
-    split: tuple[int, int, int]  # q, k, v widths
-    heads: tuple[int, int, int]  # query heads, key/value heads, head dim
+    sizes: tuple[int, int, int]  # query width, key/value width, head dim
     scaling: float
 
 
-def _rms(norm, x: torch.Tensor) -> torch.Tensor:
-    """Llama's RMSNorm in fp32."""
-    return norm.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+_NORM = fused(paired_ops.norm_inputs)
+_RESIDUAL_NORM = fused(paired_ops.residual_norm_inputs)
+_RESIDUAL = fused(paired_ops.residual)
+_FINAL = fused(paired_ops.final_states)
+_WITH_BIAS = fused(paired_ops.with_bias)
+_SWIGLU = fused(paired_ops.swiglu_inputs)
+_ROTARY = fused(paired_ops.rotary)
+_ATTENTION_INPUTS = fused(paired_ops.attention_inputs)
+_GEMM_INPUTS = fused(paired_ops.gemm_inputs)
+_LOGSUMEXP_STEP = fused(paired_ops.logsumexp_step)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+class _PairedHead:
+    """Both LM heads over the vocabulary in tiles: bf16 logits, the policy's as the reference's plus a difference.
+
+    The two logsumexps run over the same rounded reference logits (:func:`paired_ops.logsumexp_step`), so
+    their rounding cancels in ``lse_π − lse_ref`` to first order. The reference GEMM writes each row's
+    logits minus that row's target logit ``c`` (an extra input column ``c`` against a weight column of
+    −1, padded to a multiple of 16): the logits that carry the probability mass lie near ``c``, where
+    bf16 is 8–16x finer than at the logits' own magnitude (10–30). Target logits are exact float32
+    dot products.
+    """
+
+    VOCAB_BLOCK, ROWS = 2048, 512  # a tile is 4 MiB in float32, as kernels.linear_logprobs
+    PAD = 16
+
+    def __init__(self, policy, reference, dtype: torch.dtype):
+        self.w_pol = policy.get_output_embeddings().weight.detach().float()
+        self.w_ref = reference.get_output_embeddings().weight.detach().float()
+        self.paired = _Linear([reference.get_output_embeddings()], [policy.get_output_embeddings()], dtype)
+        shift = torch.zeros(self.w_ref.shape[0], self.PAD, dtype=dtype, device=self.w_ref.device)
+        shift[:, 0] = -1
+        self.w_shifted = torch.cat([self.w_ref.to(dtype), shift], dim=1)  # [V, K + PAD]: [W_ref, −1, 0, …]
+
+    def __call__(self, h_pol: torch.Tensor, h_ref: torch.Tensor, targets: torch.Tensor):
+        """``(log π, log π_ref)`` of ``targets`` [N] from final hidden states ``[N, H]`` float32."""
+        z_pol = (h_pol * self.w_pol[targets]).sum(-1)
+        z_ref = (h_ref * self.w_ref[targets]).sum(-1)
+        dtype, weight, vocab = self.w_shifted.dtype, self.paired.weight, self.w_ref.shape[0]
+        shift = z_ref.to(dtype)
+        lse_ref, lse_pol = torch.empty_like(z_ref), torch.empty_like(z_ref)
+        for s in range(0, h_ref.shape[0], self.ROWS):
+            rows = slice(s, s + self.ROWS)
+            x_ref, x_in = _GEMM_INPUTS(h_ref[rows], h_pol[rows], dtype)
+            c = shift[rows]
+            x_ref = torch.cat([x_ref, c[:, None], x_ref.new_zeros(len(c), self.PAD - 1)], dim=1)
+            lows = [torch.full_like(z_ref[rows], float("-inf")) for _ in range(2)]
+            run = [lows[0], torch.zeros_like(lows[0]), lows[1], torch.zeros_like(lows[1])]  # max, sum: ref, policy
+            for j in range(0, vocab, self.VOCAB_BLOCK):
+                tile = slice(j, j + self.VOCAB_BLOCK)
+                run = _LOGSUMEXP_STEP(x_ref @ self.w_shifted[tile].t(), x_in @ weight[tile].t(), c, *run)
+            lse_ref[rows] = run[0] + run[1].log()
+            lse_pol[rows] = run[2] + run[3].log()
+        return z_pol - lse_pol, z_ref - lse_ref
 
 
 class PairedModel:
     """A policy and its reference scored together: :func:`logprobs` gives both models' log-probs.
 
-    Holds bf16 copies of the decoder's linear weights ([W_ref, W_π − W_ref] per map); embeddings,
-    norms and the LM heads are the fp32 models' own tensors.
+    Holds bf16 copies of the linear weights ([W_ref, W_π − W_ref] per map, the LM head's too);
+    embeddings and norms are the fp32 models' own tensors.
     """
 
     def __init__(self, policy, reference, dtype: torch.dtype = torch.bfloat16):
@@ -133,27 +195,23 @@ class PairedModel:
         if any(getattr(policy.config, k, None) != getattr(reference.config, k, None) for k in keys):
             raise DpormError(f"{PAIRED}: policy and reference have different architectures")
         self.policy, self.reference = policy, reference
+        self.dtype = dtype
         self.layers = [self._layer(lr, lp, dtype) for lr, lp in zip(_layers(reference), _layers(policy), strict=True)]
+        self.head = _PairedHead(policy, reference, dtype)
+        self.final_norm = _Norms.of(reference.get_decoder().norm, policy.get_decoder().norm)
 
     @staticmethod
     def _layer(ref, pol, dtype) -> _Layer:
         ar, ap, mr, mp = ref.self_attn, pol.self_attn, ref.mlp, pol.mlp
         proj = ("q_proj", "k_proj", "v_proj")
-        split = tuple(getattr(ar, n).out_features for n in proj)
-        head_dim = ar.head_dim
         return _Layer(
-            norms=(
-                ref.input_layernorm,
-                ref.post_attention_layernorm,
-                pol.input_layernorm,
-                pol.post_attention_layernorm,
-            ),  # fmt: skip
+            norm_in=_Norms.of(ref.input_layernorm, pol.input_layernorm),
+            norm_post=_Norms.of(ref.post_attention_layernorm, pol.post_attention_layernorm),
             qkv=_Linear([getattr(ar, n) for n in proj], [getattr(ap, n) for n in proj], dtype),
             o=_Linear([ar.o_proj], [ap.o_proj], dtype),
             gate_up=_Linear([mr.gate_proj, mr.up_proj], [mp.gate_proj, mp.up_proj], dtype),
             down=_Linear([mr.down_proj], [mp.down_proj], dtype),
-            split=split,
-            heads=(split[0] // head_dim, split[1] // head_dim, head_dim),
+            sizes=(ar.q_proj.out_features, ar.k_proj.out_features, ar.head_dim),
             scaling=ar.scaling,
         )
 
@@ -169,54 +227,39 @@ class PairedModel:
         groups = prompt_groups(seqs)
         work = group_work(seqs, groups)
         responses = [r for _, rs in work for r in rs]
-        heads = (_separable_head(self.policy), _separable_head(self.reference))
         parts: tuple[list, list] = ([], [])
         for pack in pack_groups(work, PACK_TOKENS):
-            states = self._forward(pack)
+            h_pol, h_ref = self._forward(pack)
             rows, targets, sizes = pack_targets(pack, responses[len(parts[0]) : len(parts[0]) + len(pack.rows)],
                                                 self.device)  # fmt: skip
-            for out, head, h in zip(parts, heads, states, strict=True):
-                out += linear_token_logprobs(h[rows], head.weight.float(), targets, -100, head.bias).split(sizes)
+            for out, logps in zip(parts, self.head(h_pol[rows], h_ref[rows], targets), strict=True):
+                out += logps.split(sizes)
         return tuple(collect(in_input_order(p, groups), seqs, self.device) for p in parts)
 
     def _forward(self, pack) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-norm hidden states ``(policy, reference)``, ``[M, H]`` fp32, of one packed forward."""
-        device = self.device
+        device, dtype = self.device, self.dtype
         ids = torch.tensor(pack.input_ids, dtype=torch.long, device=device)
         positions = torch.tensor([pack.position_ids], dtype=torch.long, device=device)
         dec_ref, dec_pol = self.reference.get_decoder(), self.policy.get_decoder()
         h = dec_ref.embed_tokens(ids).float()
         d = dec_pol.embed_tokens(ids).float() - h
         cos, sin = (t[0].float() for t in dec_ref.rotary_emb(h[None], positions))  # [M, head_dim]
-        for layer in self.layers:
-            ref_in, ref_post, pol_in, pol_post = layer.norms
-            x_ref, x_pol = _rms(ref_in, h), _rms(pol_in, h + d)
-            y, dy = self._attention(layer, pack, x_ref, x_pol, cos, sin)
-            h, d = h + y, d + dy
-            x_ref, x_pol = _rms(ref_post, h), _rms(pol_post, h + d)
-            gu_ref, dgu = layer.gate_up(x_ref, x_pol)
-            y, dy = layer.down(_swiglu(gu_ref), _swiglu(gu_ref + dgu))
-            h, d = h + y, d + dy
-        return _rms(dec_pol.norm, h + d), _rms(dec_ref.norm, h)
-
-    @staticmethod
-    def _attention(layer: _Layer, pack, x_ref, x_pol, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv_ref, dqkv = layer.qkv(x_ref, x_pol)
-        n_q, n_kv, dim = layer.heads
-        qkv = torch.stack([qkv_ref, qkv_ref + dqkv])  # [2, M, q + k + v]: reference, policy
-        q, k, v = qkv.split(layer.split, dim=-1)
-        m = qkv.shape[1]
-        q = _rotate(q.view(2, m, n_q, dim).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(2, m, n_kv, dim).transpose(1, 2), cos, sin)
-        v = v.view(2, m, n_kv, dim).transpose(1, 2)
-        out, _ = packed_attention(None, q, k, v, None, scaling=layer.scaling, **{PLAN_KEYWORD: pack})
-        out = out.reshape(2, m, n_q * dim)
-        return layer.o(out[0], out[1])
-
-
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        first = self.layers[0].norm_in
+        x_ref, x_in = _NORM(h, d, first.ref, first.pol, first.eps, dtype)
+        for i, layer in enumerate(self.layers):
+            q, k, v = _ROTARY(*layer.qkv(x_ref, x_in), cos, sin, *layer.sizes)
+            out, _ = packed_attention(None, q, k, v, None, scaling=layer.scaling, **{PLAN_KEYWORD: pack})
+            y, dy = layer.o(*_ATTENTION_INPUTS(out.flatten(2), dtype))
+            post = layer.norm_post
+            h, d, x_ref, x_in = _RESIDUAL_NORM(h, d, y, dy, post.ref, post.pol, post.eps, dtype)
+            y, dy = layer.down(*_SWIGLU(*layer.gate_up(x_ref, x_in), dtype))
+            if i + 1 < len(self.layers):
+                nxt = self.layers[i + 1].norm_in
+                h, d, x_ref, x_in = _RESIDUAL_NORM(h, d, y, dy, nxt.ref, nxt.pol, nxt.eps, dtype)
+            else:
+                h, d = _RESIDUAL(h, d, y, dy)
+        return _FINAL(h, d, *dataclasses.astuple(self.final_norm))
 
 
 def _layers(model):

@@ -54,7 +54,7 @@ def run_serve(args: argparse.Namespace) -> None:
     state = State(limits, args.api_key or os.environ.get("DPORM_API_KEY") or None)
 
     def loader():
-        return load_reward_model(
+        model = load_reward_model(
             args.artifact,
             args.policy,
             args.reference,
@@ -65,6 +65,8 @@ def run_serve(args: argparse.Namespace) -> None:
             args.allow_pickle,
             args.ref_cache_size,
         )
+        model.warm_up()
+        return model
 
     config = uvicorn.Config(
         create_app(state, loader),

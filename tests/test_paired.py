@@ -11,7 +11,8 @@ from dpo.encoding import Encoded
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model, mix_precision
-from dpo.paired import PairedModel, paired_support
+from dpo.paired import PairedModel, _PairedHead, paired_support
+from dpo.paired_ops import COMPILE_VARIABLE, Fused
 from dpo.scorer import RewardModel, load_reward_model
 
 try:
@@ -118,6 +119,7 @@ def test_scorer_rewards_and_precision(pair, smollm_tokenizer):
     exact = RewardModel(policy, reference, smollm_tokenizer, beta=0.5).score_encoded(seqs)
     model = RewardModel(policy, reference, smollm_tokenizer, beta=0.5, paired=True)
     assert model.precision == "bf16-paired" and model.ref_cache.capacity == 0
+    model.warm_up()  # compiles the fused steps (a server does this before /ready)
     got = model.score_encoded(seqs, normalize="mean", token_rewards=True)
     for g, w, s in zip(got, exact, seqs, strict=True):
         assert g.reward == pytest.approx(w.reward / len(s.response_ids), abs=0.01)
@@ -135,6 +137,9 @@ def test_unsupported_models_and_setups_are_refused(pair, smollm_tokenizer):
     windowed = MistralForCausalLM(MistralConfig(vocab_size=97, sliding_window=8, **SIZE))
     assert "sliding" in paired_support(windowed)
     assert paired_support(reference) is None
+    biased = copy.deepcopy(reference)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(biased.config.vocab_size))
+    assert "bias" in paired_support(biased)
     with pytest.raises(DpormError, match="architectures"):
         PairedModel(make_tiny_llama(**(SIZE | {"num_hidden_layers": 2})), reference)
     with pytest.raises(DpormError, match="separate reference"):
@@ -177,3 +182,57 @@ def test_adapter_artifact_runs_paired_as_base_plus_merged_copy(smollm_tokenizer,
     prompts, responses = ["Tell me one fact about the moon."] * 3, ["It orbits the Earth.", "No.", "Rock and dust."]
     want, got = exact.score(prompts, responses), paired.score(prompts, responses)
     assert [g.reward for g in got] == pytest.approx([w.reward for w in want], abs=0.01)
+
+
+def test_paired_head_shares_the_rounding_of_the_logits():
+    """Both heads' log-probs from bf16 GEMMs: each bf16-accurate, their difference far better than bf16 apart."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden, rows = 5000, 64, 600  # three vocabulary tiles and two row blocks, both with a ragged end
+    base = 0.6 * torch.randn(vocab, hidden, generator=g)  # logits of magnitude 10-30, as a real LM's
+    heads = []
+    for change in (0.0, 0.02):  # the policy's head: the reference's plus a small dense change
+        head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+        head.weight.copy_(base * (1 + change * torch.randn(vocab, hidden, generator=g)))
+        heads.append(type("Model", (), {"get_output_embeddings": lambda self, h=head: h})())
+    reference, policy = heads
+    h_ref = torch.randn(rows, hidden, generator=g)
+    h_pol = h_ref + 0.02 * torch.randn(rows, hidden, generator=g)
+    logits = h_ref @ reference.get_output_embeddings().weight.t()
+    targets = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)  # tokens the model finds likely
+
+    def logps(h, model, dtype=torch.float32):
+        logits = (h.to(dtype) @ model.get_output_embeddings().weight.to(dtype).t()).float()
+        return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+    exact = (logps(h_pol, policy), logps(h_ref, reference))
+    apart = (logps(h_pol, policy, torch.bfloat16), logps(h_ref, reference, torch.bfloat16))
+    got = _PairedHead(policy, reference, torch.bfloat16)(h_pol, h_ref, targets)
+    for g_, a, e in zip(got, apart, exact, strict=True):  # each model: as accurate as a bf16 head alone
+        assert (g_ - e).abs().mean() <= (a - e).abs().mean() * 1.5
+    paired_error = (got[0] - got[1] - (exact[0] - exact[1])).abs().mean()
+    assert paired_error < (apart[0] - apart[1] - (exact[0] - exact[1])).abs().mean() / 5
+
+
+def test_compiled_steps_compute_what_the_eager_code_computes(pair, monkeypatch):
+    policy, reference = pair
+    model, seqs = PairedModel(policy, reference), _seqs()
+    compiled = model.logprobs(seqs)
+    monkeypatch.setenv(COMPILE_VARIABLE, "0")
+    eager = model.logprobs(seqs)
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c.token_logps, e.token_logps, atol=1e-3, rtol=0)
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(Fused, "broken", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    step = Fused(lambda x: x * 2)
+    with pytest.warns(UserWarning, match="run eagerly"):
+        assert torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
+    assert Fused.broken and torch.equal(step(torch.ones(3)), torch.full((3,), 2.0))
