@@ -216,6 +216,7 @@ def test_paired_head_shares_the_rounding_of_the_logits():
 def test_compiled_steps_compute_what_the_eager_code_computes(pair, monkeypatch):
     policy, reference = pair
     model, seqs = PairedModel(policy, reference), _seqs()
+    monkeypatch.setenv(COMPILE_VARIABLE, "1")
     compiled = model.logprobs(seqs)
     monkeypatch.setenv(COMPILE_VARIABLE, "0")
     eager = model.logprobs(seqs)
@@ -230,6 +231,7 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
 
         return run
 
+    monkeypatch.setenv(COMPILE_VARIABLE, "1")
     monkeypatch.setattr(Fused, "broken", False)
     monkeypatch.setattr(torch, "compile", broken_compile)
     step = Fused(lambda x: x * 2)
