@@ -35,6 +35,7 @@ from dpo.errors import EncodingError, ResponseTooLongError
 
 Message = dict[str, str]
 Prompt = str | Sequence[Message]
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,13 @@ def as_messages(prompt: Prompt) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     messages = list(prompt)
+    if not messages:
+        raise EncodingError("the conversation has no messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise EncodingError(f"message {i} must be a dict with a string 'role'")
+        if message["role"] not in ROLES:
+            raise EncodingError(f"message {i}: role {message['role']!r} is not one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise EncodingError(f"message {i} ('{message['role']}') must have string 'content'")
     return messages
@@ -123,7 +128,12 @@ def encode(
     allow_response_truncation: bool = False,
 ) -> Encoded:
     """Tokenize one (prompt, response) by the module's rule; see the module docstring."""
-    prompt_ids, response_ids = _split_tokens(tokenizer, prompt, response)
+    from jinja2 import TemplateError
+
+    try:
+        prompt_ids, response_ids = _split_tokens(tokenizer, prompt, response)
+    except (TypeError, ValueError, TemplateError) as e:  # e.g. a lone surrogate, a template's raise_exception
+        raise EncodingError(f"cannot tokenize: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not prompt_ids:
         raise EncodingError(
             "the prompt encodes to no tokens (empty prompt and no BOS), so the first response token has no context"

@@ -1,5 +1,8 @@
 """Errors caused by user input. The CLI prints them as one line, never a traceback."""
 
+import tempfile
+from pathlib import Path
+
 
 class DpormError(Exception):
     """Base class for errors a user can fix (bad input, missing file, bad option)."""
@@ -11,3 +14,25 @@ class EncodingError(DpormError):
 
 class ResponseTooLongError(EncodingError):
     """The response alone exceeds ``max_length`` and cutting it was not allowed."""
+
+
+def require_at_least(options: object, names: tuple[str, ...], minimum: float = 1) -> None:
+    """Raise for the first option in ``names`` that is set and below ``minimum`` (named as its ``--flag``)."""
+    for name in names:
+        value = getattr(options, name, None)
+        if value is not None and value < minimum:
+            raise DpormError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value:g}")
+
+
+def require_writable(path: str | Path, option: str = "--output", parents: bool = False) -> None:
+    """Fail now, before any model work, when ``path`` could not be written: a file is tried in its directory
+    (with ``parents``, the directories to be made: in the nearest existing one)."""
+    directory = Path(path).expanduser().absolute().parent
+    while parents and not directory.exists():
+        directory = directory.parent
+    if not directory.is_dir():
+        raise DpormError(f"{option} {path}: no such directory {directory}")
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        raise DpormError(f"{option} {path}: cannot write in {directory} ({e.strerror or e})") from None

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_at_least
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
 from dpo.eval_runner import Row, digest, run_rows
 from dpo.manifest import DTYPE_HELP
@@ -21,10 +21,8 @@ DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "t
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "limit", "max_length"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_at_least(args, ("batch_size", "limit"))
+    require_at_least(args, ("max_length",), 2)  # one prompt token and one response token
     if args.ref_free_norm and not args.reference_free:
         raise DpormError("--ref-free-norm applies with --reference-free only")
     compat = getattr(args, "rewardbench_compat", False)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dpo import __version__
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.manifest import NORMALIZATIONS, Manifest
 from dpo.models import load_model, load_tokenizer, weights_hash
 
@@ -86,10 +86,9 @@ def _rank(value: str) -> int | str:
 def _check_options(args: argparse.Namespace, output: Path) -> None:
     if args.beta <= 0:
         raise DpormError(f"--beta must be positive, got {args.beta}")
-    for name in ("max_length", "fidelity_limit", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_at_least(args, ("fidelity_limit", "batch_size"))
+    require_writable(output, parents=True)
+    require_at_least(args, ("max_length",), 2)  # one prompt token and one response token
     if args.delta_rank is not None and args.delta_rank != "auto" and args.delta_rank < 1:
         raise DpormError(f"--delta-rank must be at least 1 or 'auto', got {args.delta_rank}")
     if not 0 < args.delta_energy <= 1:

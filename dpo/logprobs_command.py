@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from dpo.data import read_records
 from dpo.encoding import encode
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_at_least
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -36,14 +36,9 @@ def _responses(record: object) -> tuple[str, ...] | None:
     return None
 
 
-def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise DpormError(f"--{name} must be at least 1, got {value}")
-
-
 def run_logprobs(args: argparse.Namespace) -> None:
-    _check_positive("limit", args.limit)
-    _check_positive("batch-size", args.batch_size)
+    require_at_least(args, ("limit", "batch_size"))
+    require_at_least(args, ("max_length",), 2)
     resolve_dtype(args.dtype), resolve_device(args.device)  # bad options fail before any model work
     records = list(itertools.islice(read_records(args.data), args.limit))
     shapes = [_responses(r) for r in records]

@@ -28,5 +28,25 @@ def apply_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, ta
         raise DpormError(f"cannot apply LoRA ({targets}): {str(e).splitlines()[0]}") from None
 
 
+def load_adapter(base, path: str, allow_pickle: bool = False):
+    """``base`` wrapped with the PEFT adapter saved at ``path``; a pickle adapter (.bin) only when ``allow_pickle``."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise DpormError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        if not allow_pickle:
+            raise DpormError(f"{path}: no adapter_model.safetensors (pickle adapters load only with --allow-pickle)")
+        if not (folder / "adapter_model.bin").is_file():
+            raise DpormError(f"{path}: no adapter weights (adapter_model.safetensors)")
+    try:
+        return PeftModel.from_pretrained(base, path).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DpormError(f"cannot load adapter from {path}: {str(e).splitlines()[0]}") from None
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

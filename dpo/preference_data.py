@@ -235,6 +235,8 @@ def load_rows(source: str, split: str = "train"):
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         suffixes = [s for s in path.suffixes if s != ".gz"]
         if path.is_file():
+            if path.stat().st_size == 0:
+                raise DpormError(f"{source}: the file is empty")
             builder = LOCAL_BUILDERS.get(suffixes[-1] if suffixes else "")
             if builder is None:
                 raise DpormError(f"{source}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
@@ -242,10 +244,10 @@ def load_rows(source: str, split: str = "train"):
         if source.startswith((".", "/", "~")) or path.suffix:
             raise DpormError(f"{source}: no such file or directory")
         return datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        if isinstance(e, DpormError):
-            raise
-        raise DpormError(f"cannot load {source}: {str(e).splitlines()[0]}") from None
+    except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ or e  # a generation error wraps the parser's own message
+        why = str(cause).splitlines()[0] if str(cause) else f"{type(cause).__name__} (a malformed file?)"
+        raise DpormError(f"cannot load {source}: {why}") from None
 
 
 def load_preferences(source: str, cols: Columns = Columns(), split: str = "train", strict: bool = False,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.errors import DpormError, EncodingError
+from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
 from dpo.manifest import DTYPE_HELP
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
@@ -28,10 +28,9 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_at_least(args, ("batch_size", "limit"))
+    if args.output:
+        require_writable(args.output)
     rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))
     shapes = [_fields(r) for r in rows]
     kind = next((f for f in shapes if f), None)

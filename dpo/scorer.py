@@ -237,10 +237,14 @@ def load_reward_model(
     normalize: str | None = None,
 ) -> RewardModel:
     """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
+    from dpo.logprobs_command import resolve_model_path
+    from dpo.lora import load_adapter
     from dpo.models import PAIRED, load_model, load_tokenizer, weights_hash
 
     paired = dtype == PAIRED
     if artifact:
+        if policy or reference or beta is not None:
+            raise DpormError("give an artifact directory or --policy/--reference/--beta, not both")
         manifest = Manifest.load(artifact)
         policy_path = manifest.resolve(artifact, manifest.policy)
         reference_path = manifest.resolve(artifact, manifest.reference)
@@ -251,8 +255,12 @@ def load_reward_model(
             raise DpormError(
                 "give an artifact directory, or --policy and --beta (and --reference unless reference-free)"
             )
-        manifest, policy_path, reference_path, beta_value, adapter = None, policy, reference, beta, False
-        tokenization, name = {}, Path(policy).name
+        if beta <= 0:
+            raise DpormError(f"--beta must be positive, got {beta:g}")
+        policy_path = resolve_model_path(policy, None)
+        reference_path = resolve_model_path(reference, None) if reference else None
+        manifest, beta_value, adapter = None, beta, False
+        tokenization, name = {}, Path(policy_path).name
     if paired and not reference_path:
         raise DpormError(f"--dtype {PAIRED} needs a reference model (this one is reference-free)")
     load = dict(
@@ -266,15 +274,13 @@ def load_reward_model(
     if template is not None and getattr(tokenizer, "chat_template", None) != template:
         raise DpormError(f"{policy_path}: its chat template is not the one recorded in dporm.json")
     if adapter:
-        from peft import PeftModel
-
         base = load_model(reference_path, **load)
         ref_hash = weights_hash(base)
         if paired:  # the paired pass needs the policy's own weights: base + adapter, merged into a second copy
-            merged = PeftModel.from_pretrained(load_model(reference_path, **load), policy_path)
+            merged = load_adapter(load_model(reference_path, **load), policy_path, allow_pickle)
             policy_model, ref_model = merged.merge_and_unload().eval(), base
         else:
-            policy_model = PeftModel.from_pretrained(base, policy_path).eval()
+            policy_model = load_adapter(base, policy_path, allow_pickle)
             ref_model = "adapter"
     else:
         if reference_path:

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_at_least
 from dpo.losses import PAIRWISE
 
 LOSSES = (*PAIRWISE, "plackett_luce")
@@ -193,10 +193,7 @@ def check_config(c: TrainConfig, explicit: set[str]) -> None:
     if c.mixed_precision != "no" and c.dtype != "float32":
         raise _conflict("mixed_precision", "dtype", "autocast needs float32 master weights")
     positive = ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "limit", "max_steps")
-    for name in positive:
-        value = getattr(c, name)
-        if value is not None and value < 1:
-            raise DpormError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_at_least(c, positive)
     for name in ("eval_size", "eval_every", "save_every", "weight_decay", "max_grad_norm", "lora_dropout"):
         if getattr(c, name) < 0:
             raise DpormError(f"--{name.replace('_', '-')} must not be negative")

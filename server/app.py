@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
@@ -21,11 +23,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dpo import __version__
 from dpo.encoding import Encoded
-from dpo.errors import EncodingError
+from dpo.errors import DpormError, EncodingError
 from dpo.scorer import RewardModel, RewardResult
 from server import schemas as s
-from server.batcher import Batcher, Job, QueueFull
+from server.batcher import Batcher, Job, QueueFull, TooLarge
 from server.metrics import ServerMetrics
+
+INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/rerank")
+log = logging.getLogger("dporm.server")
 
 
 @dataclass
@@ -58,6 +63,10 @@ class State:
         self.batcher: Batcher | None = None
         self.draining = False
         self.load_error: str | None = None
+        self.on_load_error = None  # called with the one-line cause when the background load fails
+        self.loader_thread: threading.Thread | None = None
+        # Tokenizing runs off the event loop, one request at a time (a fast tokenizer is not re-entrant).
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dporm-tokenize")
 
     def attach(self, model: RewardModel) -> None:
         self.batcher = Batcher(
@@ -79,10 +88,13 @@ def create_app(state: State, loader=None) -> FastAPI:
             def load() -> None:
                 try:
                     state.attach(loader())
-                except Exception as e:  # reported by /ready and /info
-                    state.load_error = f"{type(e).__name__}: {e}"
+                except Exception as e:  # reported by /ready and /info, and to on_load_error (dporm serve exits)
+                    state.load_error = str(e) if isinstance(e, DpormError) else f"{type(e).__name__}: {e}"
+                    if state.on_load_error is not None:
+                        state.on_load_error(state.load_error)
 
-            threading.Thread(target=load, name="dporm-loader", daemon=True).start()
+            state.loader_thread = threading.Thread(target=load, name="dporm-loader", daemon=True)
+            state.loader_thread.start()
         yield
         state.draining = True
         if state.batcher is not None:
@@ -104,24 +116,44 @@ def create_app(state: State, loader=None) -> FastAPI:
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(
-            422,
-            f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request",
-            "invalid_request_error",
-        )
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        return _error(422, f"{where}: {message}" if where else message, "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "http_error")
 
+    async def admit(request: Request) -> JSONResponse | None:
+        """401 before anything else on inference routes; 413 for a body over the limit, chunked or not."""
+        if request.method == "POST" and request.url.path in INFERENCE_ROUTES:
+            try:
+                authorize(request)
+            except ApiError as e:
+                return _error(e.code, e.message, e.kind, e.headers)
+        too_large = _error(413, f"request body over {state.limits.max_body_bytes} bytes", "request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            return too_large if length.isdigit() and int(length) > state.limits.max_body_bytes else None
+        if request.method in ("POST", "PUT", "PATCH"):  # no length given (chunked): count while reading
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > state.limits.max_body_bytes:
+                    return too_large
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # starlette hands a read body on to the route
+        return None
+
     @app.middleware("http")
     async def _count_and_limit(request: Request, call_next):
         start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.limits.max_body_bytes:
-            response = _error(413, f"request body over {state.limits.max_body_bytes} bytes", "request_too_large")
-        else:
-            response = await call_next(request)
+        response = await admit(request)
+        if response is None:
+            try:
+                response = await call_next(request)
+            except Exception as e:  # a bug, not the client's fault: still the error schema, and counted
+                log.exception("unhandled error on %s", request.url.path)
+                response = _error(500, f"internal error ({type(e).__name__})", "internal_error")
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "other")
         state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -149,7 +181,13 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise ApiError(503, state.load_error or "the model is loading", "unavailable", {"Retry-After": "5"})
         return state.model
 
-    def encode_all(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
+    async def encode_all(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
+        if len(pairs) > state.limits.max_items:
+            raise ApiError(413, f"{len(pairs)} sequences; the limit is {state.limits.max_items}", "request_too_large")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(state.tokenizing, encode_sync, model, pairs, truncate)
+
+    def encode_sync(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
         if len(pairs) > state.limits.max_items:
             raise ApiError(413, f"{len(pairs)} sequences; the limit is {state.limits.max_items}", "request_too_large")
         start = time.perf_counter()
@@ -185,6 +223,8 @@ def create_app(state: State, loader=None) -> FastAPI:
             state.batcher.submit(job)
         except QueueFull as e:
             raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(state.limits.retry_after)}) from None
+        except TooLarge as e:
+            raise ApiError(413, str(e), "request_too_large") from None
         deadline = loop.time() + state.limits.request_timeout
         try:
             while True:
@@ -212,12 +252,14 @@ def create_app(state: State, loader=None) -> FastAPI:
         prompt = results[0].prompt_tokens if shared_prompt else sum(r.prompt_tokens for r in results)
         total = prompt + sum(r.response_tokens for r in results)
         cached = sum(r.prompt_tokens + r.response_tokens for r in results if r.cached_ref)
+        if shared_prompt and cached:  # the shared prompt counts once, as in the total
+            cached -= (sum(r.cached_ref for r in results) - 1) * results[0].prompt_tokens
         return s.Usage(prompt_tokens=prompt, total_tokens=total, cached_tokens=cached)
 
     @app.post("/v1/rewards", response_model=s.RewardsResponse, dependencies=[Depends(authorize)])
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
         model = ready_model()
-        seqs = encode_all(model, [(it.conversation(), it.response) for it in body.items], body.truncate)
+        seqs = await encode_all(model, [(it.conversation(), it.response) for it in body.items], body.truncate)
         results = await run(request, seqs, body, body.return_token_rewards)
         data = [
             s.RewardData(
@@ -237,7 +279,7 @@ def create_app(state: State, loader=None) -> FastAPI:
     async def preference(body: s.PreferenceRequest, request: Request) -> s.PreferenceResponse:
         model = ready_model()
         pairs = [(p.conversation(), r) for p in body.pairs for r in (p.response_a, p.response_b)]
-        results = await run(request, encode_all(model, pairs, body.truncate), body)
+        results = await run(request, await encode_all(model, pairs, body.truncate), body)
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
@@ -246,11 +288,13 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     async def rank(request: Request, conversation, texts: list[str], options: s.ScoringOptions):
         model = ready_model()
-        results = await run(request, encode_all(model, [(conversation, t) for t in texts], options.truncate), options)
+        seqs = await encode_all(model, [(conversation, t) for t in texts], options.truncate)
+        results = await run(request, seqs, options)
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
-    @app.post("/v1/rerank", response_model=s.RerankResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True,
+              dependencies=[Depends(authorize)])  # fmt: skip
     async def rerank(body: s.RerankRequest, request: Request) -> s.RerankResponse:
         texts = body.texts()
         model, results, order = await rank(request, body.conversation(), texts, body)
@@ -267,7 +311,8 @@ def create_app(state: State, loader=None) -> FastAPI:
             id=f"rerank-{uuid.uuid4().hex}", model=model.name, results=out, usage=usage(results, shared_prompt=True)
         )
 
-    @app.post("/rerank", response_model=list[s.TEIRank], dependencies=[Depends(authorize)])
+    @app.post("/rerank", response_model=list[s.TEIRank], response_model_exclude_none=True,
+              dependencies=[Depends(authorize)])  # fmt: skip
     async def rerank_tei(body: s.TEIRerankRequest, request: Request) -> list[s.TEIRank]:
         options = s.ScoringOptions(truncate=body.truncate)
         _, results, order = await rank(request, body.query, body.texts, options)
@@ -318,7 +363,7 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        name = state.model.name if state.model else "loading"
+        name = ready_model().name
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dporm"}]}
 
     @app.get("/metrics")

@@ -22,6 +22,10 @@ class QueueFull(Exception):
     pass
 
 
+class TooLarge(Exception):
+    """A job bigger than the whole queue: it can never be admitted (413, not 429)."""
+
+
 @dataclass
 class Job:
     seqs: list[Encoded]
@@ -65,6 +69,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
+            if job.tokens > self.max_queue_tokens:
+                raise TooLarge(f"{job.tokens} tokens; the queue holds at most {self.max_queue_tokens}")
             if len(self._queue) >= self.max_queue_requests or self._queued_tokens + job.tokens > self.max_queue_tokens:
                 raise QueueFull(f"queue full ({len(self._queue)} requests, {self._queued_tokens} tokens)")
             self._queue.append(job)

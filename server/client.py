@@ -142,11 +142,12 @@ class _BaseClient:
         return _Call(requests, fold)
 
     def _rewards_call(
-        self, items: Sequence[RewardItem], normalize: str, reference_free: bool, token_rewards: bool,
+        self, items: Sequence[RewardItem], normalize: str | None, reference_free: bool, token_rewards: bool,
         truncate: bool = False,
     ) -> _Call:  # fmt: skip
-        options = {"normalize": normalize, "reference_free": reference_free, "return_token_rewards": token_rewards,
-                   "truncate": truncate}  # fmt: skip
+        options = {"reference_free": reference_free, "return_token_rewards": token_rewards, "truncate": truncate}
+        if normalize is not None:  # None: the served artifact's own default
+            options["normalize"] = normalize
         return self._batched("/v1/rewards", "items", [_item(it, ("response",)) for it in items], options, Reward)
 
     def _preference_call(self, pairs: Sequence[PreferencePair]) -> _Call:
@@ -189,7 +190,7 @@ class RewardClient(_BaseClient, AbstractContextManager):
         return call.fold([self._send(*request) for request in call.requests])
 
     def rewards(
-        self, items: Sequence[RewardItem], normalize: str = "sum", reference_free: bool = False,
+        self, items: Sequence[RewardItem], normalize: str | None = None, reference_free: bool = False,
         return_token_rewards: bool = False, truncate: bool = False,
     ) -> list[Reward]:  # fmt: skip
         """One Reward per ``(prompt, response)`` item (``prompt`` a string or chat messages), in the order given.
@@ -264,7 +265,7 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
         return call.fold(await asyncio.gather(*(self._send(*request) for request in call.requests)))
 
     async def rewards(
-        self, items: Sequence[RewardItem], normalize: str = "sum", reference_free: bool = False,
+        self, items: Sequence[RewardItem], normalize: str | None = None, reference_free: bool = False,
         return_token_rewards: bool = False, truncate: bool = False,
     ) -> list[Reward]:  # fmt: skip
         return await self._run(self._rewards_call(items, normalize, reference_free, return_token_rewards, truncate))

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Message(BaseModel):
-    role: str
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
 
 
@@ -111,6 +112,8 @@ class RerankRequest(ScoringOptions):
     def _one_prompt(self):
         if (self.query is None) == (self.messages is None):
             raise ValueError("give exactly one of 'query' or 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
         return self
 
     def conversation(self) -> str | list[dict[str, str]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
+import sys
 import threading
 
 import uvicorn
 
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_at_least
 from dpo.manifest import DTYPE_HELP
 from server.app import Limits, State, create_app
 
@@ -27,6 +29,10 @@ class DrainingServer(uvicorn.Server):
         else:
             self._exit(sig, frame)
 
+    def fail(self, message: str) -> None:
+        """The model failed to load: stop serving; :func:`run_serve` reports ``message`` and exits 1."""
+        self.should_exit = True
+
     def _exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit (code 0).
@@ -40,9 +46,17 @@ def run_serve(args: argparse.Namespace) -> None:
 
     resolve_dtype(args.dtype), resolve_device(args.device)
     if args.artifact:
+        if args.policy or args.reference or args.beta is not None:
+            raise DpormError("give an artifact directory or --policy/--reference/--beta, not both")
         Manifest.load(args.artifact)  # a bad directory fails here, in one line, before the server starts
     elif not args.policy or args.beta is None:
         raise DpormError("give an artifact directory, or --policy and --beta (and --reference)")
+    require_at_least(args, ("max_items", "max_body_bytes", "max_batch_tokens", "max_queue_requests",
+                            "max_queue_tokens"))  # fmt: skip
+    require_at_least(args, ("ref_cache_size", "drain_seconds"), 0)
+    if args.request_timeout <= 0:
+        raise DpormError(f"--request-timeout must be positive, got {args.request_timeout:g}")
+    _check_port(args.host, args.port)
     limits = Limits(
         max_items=args.max_items,
         max_body_bytes=args.max_body_bytes,
@@ -75,7 +89,28 @@ def run_serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=args.request_timeout + 5,
     )
-    DrainingServer(config, state, args.drain_seconds).run()
+    server = DrainingServer(config, state, args.drain_seconds)
+    state.on_load_error = server.fail
+    server.run()
+    if state.load_error:
+        raise DpormError(f"cannot load the model: {state.load_error}")
+    if state.loader_thread is not None and state.loader_thread.is_alive():
+        # Stopped while loading: the loader thread may be inside torch, where interpreter teardown aborts.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error now, not uvicorn's after the model starts loading, when the port cannot be bound."""
+    if not 0 <= port <= 65535:
+        raise DpormError(f"--port must be in 0..65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise DpormError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

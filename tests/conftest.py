@@ -59,3 +59,38 @@ def smollm_tokenizer(default_model_dir):
     from dpo.models import load_tokenizer
 
     return load_tokenizer(str(default_model_dir))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm_tokenizer):
+    """A reward-model artifact of two tiny Llamas (policy seed 1, reference seed 0) with SmolLM2's tokenizer, β 0.5."""
+    from dpo.manifest import Manifest
+
+    root = tmp_path_factory.mktemp("artifact")
+    for name, seed in (("policy", 1), ("reference", 0)):
+        make_tiny_llama(seed=seed, vocab_size=len(smollm_tokenizer), max_position_embeddings=512).save_pretrained(
+            root / name
+        )
+        smollm_tokenizer.save_pretrained(root / name)
+    tokenization = {"chat_template": smollm_tokenizer.chat_template, "max_length": 128}
+    Manifest("policy", "reference", beta=0.5, tokenization=tokenization).save(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reward_model(artifact):
+    from dpo.scorer import load_reward_model
+
+    return load_reward_model(str(artifact), device="cpu")
+
+
+def make_client(reward_model, **limits):
+    """A TestClient of the reward server over ``reward_model``; ``limits`` are :class:`server.app.Limits` fields."""
+    from fastapi.testclient import TestClient
+
+    from server.app import Limits, State, create_app
+
+    api_key = limits.pop("api_key", None)
+    state = State(Limits(**limits), api_key)
+    state.attach(reward_model)
+    return TestClient(create_app(state))

@@ -112,6 +112,8 @@ def test_prompt_messages_and_dict_items_and_options():
     assert (body["normalize"], body["reference_free"], body["return_token_rewards"]) == ("mean", True, True)
     assert rewards[0].logp_ref is None and rewards[0].token_rewards == [0.5] and rewards[0].response_tokens == 2
     assert rm.rewards([]) == [] and len(server.requests) == 1  # nothing to score, nothing sent
+    rm.rewards([("plain", "a")])
+    assert "normalize" not in server.bodies[-1]  # left to the served artifact's default
 
 
 def test_preference_pairs():

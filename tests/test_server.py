@@ -20,35 +20,10 @@ from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
 from server.app import Limits, State, create_app
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_client, make_tiny_llama
 
 PROMPT = "Tell me one fact about the moon."
 RESPONSES = ["The moon orbits the Earth.", "No.", "It is made of rock and dust, and it has no air."]
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, smollm_tokenizer):
-    root = tmp_path_factory.mktemp("artifact")
-    for name, seed in (("policy", 1), ("reference", 0)):
-        make_tiny_llama(seed=seed, vocab_size=len(smollm_tokenizer), max_position_embeddings=512).save_pretrained(
-            root / name
-        )
-        smollm_tokenizer.save_pretrained(root / name)
-    tokenization = {"chat_template": smollm_tokenizer.chat_template, "max_length": 128}
-    Manifest("policy", "reference", beta=0.5, tokenization=tokenization).save(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reward_model(artifact):
-    return load_reward_model(str(artifact), device="cpu")
-
-
-def make_client(reward_model, **limits) -> TestClient:
-    api_key = limits.pop("api_key", None)
-    state = State(Limits(**limits), api_key)
-    state.attach(reward_model)
-    return TestClient(create_app(state))
 
 
 @pytest.fixture
@@ -117,11 +92,11 @@ def test_rerank_sorts_by_reward_and_shares_the_prompt(client):
     top = client.post(
         "/v1/rerank", json={"messages": [{"role": "user", "content": PROMPT}], "documents": docs, "top_n": 1}
     ).json()
-    assert len(top["results"]) == 1 and top["results"][0]["document"] is None
+    assert len(top["results"]) == 1 and "document" not in top["results"][0]  # only when asked for
     tei = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES, "raw_scores": True, "return_text": True})
     assert [r["index"] for r in tei.json()] == [r["index"] for r in body["results"]]
     squashed = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES}).json()
-    assert all(0 < r["score"] < 1 and r["text"] is None for r in squashed)
+    assert all(0 < r["score"] < 1 and "text" not in r for r in squashed)
 
 
 def test_probes_info_models_metrics(client):

@@ -1,0 +1,186 @@
+"""What a careless or hostile client, a bad flag or a failing load gets: one-line errors and the error schema."""
+
+import json
+import socket
+import threading
+
+import pytest
+
+from dpo.encoding import as_messages, encode
+from dpo.errors import DpormError, EncodingError
+from dpo.preference_data import load_rows
+from tests.conftest import make_client
+
+PROMPT = "Tell me one fact about the moon."
+ITEM = {"items": [{"prompt": PROMPT, "response": "It has craters."}]}
+
+
+def _error(response, code: int) -> str:
+    assert response.status_code == code, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"]
+    return error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        ("/v1/rerank", {"messages": [], "documents": ["Blue."]}, "must not be empty"),
+        ("/v1/rerank", {"query": "q", "messages": [{"role": "user", "content": "q"}], "documents": ["a"]}, "exactly"),
+        ("/v1/rewards", {"items": [{"messages": [{"role": "banana", "content": "hi"}], "response": "r"}]}, "role"),
+        ("/v1/rewards", {"items": [{"messages": [{"role": "user", "content": "hi", "name": "x"}], "response": "r"}]},
+         "name"),
+        ("/v1/rewards", {"items": [{"prompt": "a\ud800b", "response": "r"}]}, "cannot tokenize"),
+    ],
+)  # fmt: skip
+def test_bad_conversations_are_422_with_their_reason(reward_model, path, body, reason):
+    with make_client(reward_model) as c:
+        response = c.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        assert reason in _error(response, 422)
+
+
+def test_encode_rejects_empty_conversations_and_unknown_roles(smollm_tokenizer):
+    with pytest.raises(EncodingError, match="no messages"):
+        encode(smollm_tokenizer, [], "r")
+    with pytest.raises(EncodingError, match="role 'User'"):
+        as_messages([{"role": "User", "content": "hi"}])
+
+
+def test_an_unexpected_failure_is_a_500_in_the_schema_and_counted(reward_model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(reward_model, "encode", broken)
+    with make_client(reward_model) as c:
+        assert "RuntimeError" in _error(c.post("/v1/rewards", json=ITEM), 500)
+        assert 'code="500"' in c.get("/metrics").text
+
+
+def test_chunked_bodies_meet_the_body_limit(reward_model):
+    with make_client(reward_model, max_body_bytes=100) as c:
+        chunks = iter([b'{"items": [{"prompt": "', b"x" * 200, b'", "response": "r"}]}'])
+        response = c.post("/v1/rewards", content=chunks, headers={"content-type": "application/json"})
+        assert "request body over 100 bytes" in _error(response, 413)
+        small = iter([json.dumps(ITEM).encode()])
+        assert c.post("/v1/rewards", content=small, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_tokenizing_runs_off_the_event_loop(reward_model, monkeypatch):
+    threads = []
+    encode_once = reward_model.encode
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return encode_once(*args, **kwargs)
+
+    monkeypatch.setattr(reward_model, "encode", recording)
+    with make_client(reward_model) as c:
+        assert c.post("/v1/rewards", json=ITEM).status_code == 200
+    assert threads and all(name.startswith("dporm-tokenize") for name in threads)
+
+
+def test_a_request_bigger_than_the_queue_is_413_not_429(reward_model):
+    with make_client(reward_model, max_queue_tokens=5) as c:
+        assert "queue holds at most 5" in _error(c.post("/v1/rewards", json=ITEM), 413)
+
+
+def test_auth_comes_before_validation(reward_model):
+    with make_client(reward_model, api_key="s3cret") as c:
+        garbage = c.post("/v1/rewards", content=b"{not json", headers={"content-type": "application/json"})
+        assert garbage.status_code == 401 and garbage.headers["www-authenticate"] == "Bearer"
+
+
+def test_rerank_usage_counts_the_shared_prompt_once(reward_model):
+    with make_client(reward_model) as c:
+        body = {"query": PROMPT, "documents": ["Craters.", "Dust.", "Rock."]}
+        c.post("/v1/rerank", json=body)
+        usage = c.post("/v1/rerank", json=body).json()["usage"]  # every reference log-prob now cached
+        assert usage["cached_tokens"] == usage["total_tokens"]
+
+
+def test_models_is_503_while_loading():
+    from fastapi.testclient import TestClient
+
+    from server.app import Limits, State, create_app
+
+    with TestClient(create_app(State(Limits(), None))) as c:
+        assert _error(c.get("/v1/models"), 503)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
+    from dpo.cli import main
+
+    port = str(_free_port())
+    assert main(["serve", "--policy", str(tmp_path / "missing"), "--beta", "0.1", "--port", port]) == 1
+    assert "cannot load the model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--port", "99999"], "--port must be in 0..65535"),
+        (["--max-items", "0"], "--max-items must be at least 1"),
+        (["--request-timeout", "-1"], "--request-timeout must be positive"),
+        (["--beta", "3"], "not both"),
+    ],
+)
+def test_serve_rejects_bad_flags_before_loading(artifact, capsys, extra, reason):
+    from dpo.cli import main
+
+    assert main(["serve", str(artifact), *extra]) == 1
+    assert reason in capsys.readouterr().err
+
+
+def test_serve_says_when_the_port_is_taken(artifact, capsys):
+    from dpo.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(artifact), "--port", str(busy.getsockname()[1])]) == 1
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_score_checks_its_output_and_data_before_loading(artifact, tmp_path, capsys):
+    from dpo.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    assert main(["score", str(artifact), "--data", str(data), "--output", str(tmp_path / "no" / "x.jsonl")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    data.write_text("{bad json\n")
+    assert main(["score", str(artifact), "--data", str(data)]) == 1
+    assert "cannot load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "reason"), [("{bad json\n", "JSON parse error"), ("", "the file is empty"),
+                                              ("1\n2\n", "cannot load")])  # fmt: skip
+def test_malformed_data_files_are_one_line_errors(tmp_path, text, reason):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(DpormError, match=reason):
+        load_rows(str(path))
+
+
+def test_default_names_the_default_model_in_the_scorer(artifact, monkeypatch):
+    import dpo.default_model
+    from dpo.scorer import load_reward_model
+
+    monkeypatch.setattr(dpo.default_model, "pull_default_model", lambda cache_dir=None: artifact / "reference")
+    model = load_reward_model(policy=str(artifact / "policy"), reference="default", beta=0.5, device="cpu")
+    assert model.info["reference"] == str(artifact / "reference")
+
+
+def test_pickle_adapters_need_allow_pickle(tmp_path):
+    from dpo.lora import load_adapter
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(DpormError, match="pickle adapters load only with --allow-pickle"):
+        load_adapter(None, str(tmp_path))
