@@ -61,20 +61,30 @@ def smollm_tokenizer(default_model_dir):
     return load_tokenizer(str(default_model_dir))
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, smollm_tokenizer):
-    """A reward-model artifact of two tiny Llamas (policy seed 1, reference seed 0) with SmolLM2's tokenizer, β 0.5."""
+def save_tiny_artifact(root, tokenizer, max_length: int = 128, max_position_embeddings: int = 512):
+    """A reward-model artifact at ``root``: tiny Llamas (policy seed 1, reference seed 0) with ``tokenizer``, β 0.5."""
     from dpo.manifest import Manifest
 
-    root = tmp_path_factory.mktemp("artifact")
     for name, seed in (("policy", 1), ("reference", 0)):
-        make_tiny_llama(seed=seed, vocab_size=len(smollm_tokenizer), max_position_embeddings=512).save_pretrained(
-            root / name
-        )
-        smollm_tokenizer.save_pretrained(root / name)
-    tokenization = {"chat_template": smollm_tokenizer.chat_template, "max_length": 128}
+        model = make_tiny_llama(seed=seed, vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    tokenization = {"chat_template": tokenizer.chat_template, "max_length": max_length}
     Manifest("policy", "reference", beta=0.5, tokenization=tokenization).save(root)
     return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm_tokenizer):
+    return save_tiny_artifact(tmp_path_factory.mktemp("artifact"), smollm_tokenizer)
 
 
 @pytest.fixture(scope="module")

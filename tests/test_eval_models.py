@@ -3,7 +3,6 @@
 
 import importlib.util
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,14 +15,13 @@ from dpo.cli import main
 from dpo.encoding import Encoded
 from dpo.eval_backend import Group, OfflineBackend, ScoreMode
 from dpo.eval_compat import compat_encode
-from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
 from server.app import Limits, State, create_app
 
 try:
-    from tests.conftest import make_tiny_llama
+    from tests.conftest import free_port, save_tiny_artifact
 except ModuleNotFoundError:  # a site-packages "tests" package (rewardbench ships one) shadows this directory
-    from conftest import make_tiny_llama
+    from conftest import free_port, save_tiny_artifact
 
 DATA = Path(__file__).parent / "data"
 RB, RB2 = DATA / "rewardbench-mini.jsonl", DATA / "rewardbench2-mini.jsonl"
@@ -32,25 +30,12 @@ RESULT_KEYS = ("subsets", "sections", "prior_sets", "overall", "accuracy", "ties
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, smollm_tokenizer):
-    root = tmp_path_factory.mktemp("eval-artifact")
-    for name, seed in (("policy", 1), ("reference", 0)):
-        model = make_tiny_llama(seed=seed, vocab_size=len(smollm_tokenizer), max_position_embeddings=4096)
-        model.save_pretrained(root / name)
-        smollm_tokenizer.save_pretrained(root / name)
-    tokenization = {"chat_template": smollm_tokenizer.chat_template, "max_length": 256}
-    Manifest("policy", "reference", beta=0.5, tokenization=tokenization).save(root)
-    return root
+    return save_tiny_artifact(tmp_path_factory.mktemp("eval-artifact"), smollm_tokenizer, 256, 4096)
 
 
 @pytest.fixture(scope="module")
 def reward_model(artifact):
     return load_reward_model(str(artifact), device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +45,7 @@ def servers(reward_model):
     for _ in range(2):
         state = State(Limits(max_items=4), None)  # fewer items than a chunk has: the client must split
         state.attach(reward_model)
-        port = _free_port()
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

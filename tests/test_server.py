@@ -4,7 +4,6 @@ import asyncio
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
 from server.app import Limits, State, create_app
-from tests.conftest import make_client, make_tiny_llama
+from tests.conftest import free_port, make_client, make_tiny_llama
 
 PROMPT = "Tell me one fact about the moon."
 RESPONSES = ["The moon orbits the Earth.", "No.", "It is made of rock and dust, and it has no air."]
@@ -185,14 +184,8 @@ def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model):
     state.batcher.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_and_exits_zero(artifact):
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

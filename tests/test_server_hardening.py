@@ -9,7 +9,7 @@ import pytest
 from dpo.encoding import as_messages, encode
 from dpo.errors import DpormError, EncodingError
 from dpo.preference_data import load_rows
-from tests.conftest import make_client
+from tests.conftest import free_port, make_client
 
 PROMPT = "Tell me one fact about the moon."
 ITEM = {"items": [{"prompt": PROMPT, "response": "It has craters."}]}
@@ -107,16 +107,10 @@ def test_models_is_503_while_loading():
         assert _error(c.get("/v1/models"), 503)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
     from dpo.cli import main
 
-    port = str(_free_port())
+    port = str(free_port())
     assert main(["serve", "--policy", str(tmp_path / "missing"), "--beta", "0.1", "--port", port]) == 1
     assert "cannot load the model" in capsys.readouterr().err
 
