@@ -99,6 +99,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         state.draining = True
         if state.batcher is not None:
             await asyncio.to_thread(state.batcher.stop)
+        state.tokenizing.shutdown(wait=False)
 
     app = FastAPI(
         title="dporm reward server",
@@ -188,8 +189,6 @@ def create_app(state: State, loader=None) -> FastAPI:
         return await loop.run_in_executor(state.tokenizing, encode_sync, model, pairs, truncate)
 
     def encode_sync(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
-        if len(pairs) > state.limits.max_items:
-            raise ApiError(413, f"{len(pairs)} sequences; the limit is {state.limits.max_items}", "request_too_large")
         start = time.perf_counter()
         seqs = []
         for i, (prompt, response) in enumerate(pairs):
