@@ -15,6 +15,13 @@ def read_records(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise DpormError(f"{path}: no such file")
+    try:
+        yield from _read(path)
+    except (OSError, UnicodeDecodeError, EOFError) as e:  # a corrupt .gz, a file that is not UTF-8 text
+        raise DpormError(f"{path}: cannot read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _read(path: Path) -> Iterator[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     stem = path.name.removesuffix(".gz")
     with opener(path, "rt", encoding="utf-8") as f:

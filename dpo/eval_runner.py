@@ -48,6 +48,10 @@ def _read_done(path: Path) -> dict[int, dict]:
             if i >= len(lines) - 2:  # the torn last line of an interrupted run
                 break
             raise DpormError(f"{path}:{i + 1}: corrupt line; rerun with --overwrite") from None
+        if not isinstance(record, dict) or not isinstance(record.get("row"), int):
+            raise DpormError(f"{path}:{i + 1}: not a score record; rerun with --overwrite")
+        if "error" in record:  # failed last time (server refused, timed out): scored again now
+            continue
         done[record["row"]] = record
         kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -68,7 +72,10 @@ def run_rows(
     config_path, scores_path = output / CONFIG_FILE, output / SCORES_FILE
     config_hash = digest(config)
     if config_path.exists() and not overwrite:
-        old = json.loads(config_path.read_text()).get("config_hash")
+        try:
+            old = json.loads(config_path.read_text()).get("config_hash")
+        except (json.JSONDecodeError, AttributeError):
+            raise DpormError(f"{config_path}: corrupt; rerun with --overwrite") from None
         if old != config_hash:
             raise DpormError(
                 f"{output} holds a run with another configuration ({old[:12]} != {config_hash[:12]}); "

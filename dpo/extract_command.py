@@ -87,7 +87,7 @@ def _check_options(args: argparse.Namespace, output: Path) -> None:
     if args.beta <= 0:
         raise DpormError(f"--beta must be positive, got {args.beta}")
     require_at_least(args, ("fidelity_limit", "batch_size"))
-    require_writable(output, parents=True)
+    require_writable(output, parents=True, directory=True)
     require_at_least(args, ("max_length",), 2)  # one prompt token and one response token
     if args.delta_rank is not None and args.delta_rank != "auto" and args.delta_rank < 1:
         raise DpormError(f"--delta-rank must be at least 1 or 'auto', got {args.delta_rank}")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from dpo.data import read_records
 from dpo.encoding import encode
-from dpo.errors import DpormError, require_at_least
+from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -39,6 +39,8 @@ def _responses(record: object) -> tuple[str, ...] | None:
 def run_logprobs(args: argparse.Namespace) -> None:
     require_at_least(args, ("limit", "batch_size"))
     require_at_least(args, ("max_length",), 2)
+    if args.output:
+        require_writable(args.output)
     resolve_dtype(args.dtype), resolve_device(args.device)  # bad options fail before any model work
     records = list(itertools.islice(read_records(args.data), args.limit))
     shapes = [_responses(r) for r in records]
@@ -53,13 +55,26 @@ def run_logprobs(args: argparse.Namespace) -> None:
 
     path = resolve_model_path(args.model, args.cache_dir)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
+    encoded, failed = {}, []
+    for i, r, fields in usable:
+        try:
+            encoded[i] = [encode(tokenizer, r["prompt"], r[f], args.max_length) for f in fields]
+        except EncodingError as e:
+            failed.append(f"{i + 1} ({e})")
+    if failed:
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        print(f"skipped {len(failed)} record(s) that cannot be encoded: {'; '.join(failed[:3])}{more}",
+              file=sys.stderr)  # fmt: skip
+    usable = [u for u in usable if u[0] in encoded]
+    if not usable:
+        raise DpormError("no record could be encoded")
     model = load_model(path, args.dtype, args.device, args.trust_remote_code, args.allow_pickle)
 
     results = []
     with torch.inference_mode(), tqdm(total=len(usable), desc="scoring", unit="rec", file=sys.stderr) as bar:
         for start in range(0, len(usable), args.batch_size):
             batch = usable[start : start + args.batch_size]
-            seqs = [encode(tokenizer, r["prompt"], r[f], args.max_length) for _, r, fields in batch for f in fields]
+            seqs = [seq for index, _, _ in batch for seq in encoded[index]]
             out = sequence_logprobs(model, seqs)
             k = 0
             for index, _, fields in batch:

@@ -11,7 +11,7 @@ from pathlib import Path
 from dpo import __version__
 from dpo.batching import encode_examples
 from dpo.checkpoints import list_checkpoints, load_checkpoint
-from dpo.errors import DpormError
+from dpo.errors import DpormError, require_writable
 from dpo.manifest import Manifest
 from dpo.models import MIXED, PAIRED, load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
 from dpo.preference_data import Columns, PreferenceData, load_preferences
@@ -82,6 +82,9 @@ def run_train(given: dict) -> Path:
         raise DpormError(f"--dtype {c.dtype} is for scoring; train with --mixed-precision bf16 (fp32 master weights)")
     dtype, device = resolve_dtype(c.dtype), resolve_device(c.device)
     output = Path(c.output).expanduser()
+    require_writable(output, parents=True, directory=True)
+    if c.ref_cache_dir:
+        require_writable(c.ref_cache_dir, "--ref-cache-dir", parents=True, directory=True)
     resume_from = _check_output(c, output)
     if resume_from is not None:
         _check_resumable(resume_from, c)

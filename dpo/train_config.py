@@ -124,7 +124,7 @@ def read_config_file(path: str) -> dict:
             raw = json.loads(p.read_text())
         else:
             raise DpormError(f"{path}: config must be .yaml, .yml, .toml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError, _yaml_error()) as e:
         raise DpormError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise DpormError(f"{path}: expected a mapping of option names to values")
@@ -203,3 +203,11 @@ def check_config(c: TrainConfig, explicit: set[str]) -> None:
         raise DpormError(f"--label-smoothing must be in [0, 0.5), got {c.label_smoothing}")
     if not 0 <= c.warmup_ratio < 1:
         raise DpormError(f"--warmup-ratio must be in [0, 1), got {c.warmup_ratio}")
+
+
+def _yaml_error() -> type[Exception]:
+    try:
+        import yaml
+    except ImportError:  # no YAML support installed: nothing of that kind can be raised
+        return ValueError
+    return yaml.YAMLError

@@ -48,7 +48,7 @@ class ServerBackend:
         keys = ("policy", "reference", "policy_sha256", "reference_sha256")
         servers = [c.base_url for c in self.clients]
         return {**{k: models.get(k) for k in keys}, "name": info.get("model"), "beta": self.beta,
-                "max_length": info.get("max_length"), "servers": servers}  # fmt: skip
+                "max_length": info.get("max_length"), "dtype": info.get("dtype"), "servers": servers}  # fmt: skip
 
     def _rewards(self, client: RewardClient, groups: Sequence[Group]) -> list[list[ResponseScore]]:
         items = [(g.prompt, r) for g in groups for r in g.responses]

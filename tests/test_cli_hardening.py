@@ -1,0 +1,101 @@
+"""Bad paths, damaged files and conflicting flags in eval, train, logprobs and model pull: one line, before work."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from dpo.cli import main
+from dpo.data import read_records
+from dpo.errors import DpormError, require_writable
+from dpo.eval_runner import _read_done, run_rows
+from dpo.train_config import read_config_file
+
+RB = Path(__file__).parent / "data" / "rewardbench-mini.jsonl"
+PREFS = Path(__file__).parent / "data" / "prefs.jsonl"
+
+
+def test_require_writable_knows_files_from_directories(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(DpormError, match="not a directory"):
+        require_writable(a_file, directory=True)
+    with pytest.raises(DpormError, match="is a directory"):
+        require_writable(tmp_path)
+    with pytest.raises(DpormError, match="no such directory"):
+        require_writable(a_file / "below" / "out", parents=True)
+    require_writable(tmp_path / "new" / "deeper", parents=True, directory=True)  # would be created: fine
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--server", "http://127.0.0.1:9", "--dtype", "bf16"], "--dtype: offline only"),
+        (["--server", "http://127.0.0.1:9", "--max-retries", "-1"], "--max-retries must be at least 0"),
+        (["--server", "http://127.0.0.1:9", "--timeout", "0"], "--timeout must be positive"),
+    ],
+)
+def test_eval_refuses_bad_server_flags(tmp_path, capsys, extra, reason):
+    assert main(["eval", "rewardbench", "--data", str(RB), "--output", str(tmp_path / "out"), *extra]) == 1
+    assert reason in capsys.readouterr().err
+
+
+def test_eval_and_train_refuse_a_file_as_output_before_loading(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    evaluate = ["eval", "rewardbench", "--server", "http://127.0.0.1:9", "--data", str(RB), "--output", str(taken)]
+    assert main(evaluate) == 1
+    assert "not a directory" in capsys.readouterr().err
+    train = ["train", "--model", str(tmp_path / "unused"), "--data", str(PREFS), "--output", str(taken)]
+    assert main(train) == 1
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_model_pull_refuses_an_unusable_cache_dir(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert main(["model", "pull", "--cache-dir", str(taken)]) == 1
+    assert "--cache-dir" in capsys.readouterr().err
+
+
+def test_eval_resume_retries_failed_rows_and_refuses_damaged_files(tmp_path):
+    scores = tmp_path / "scores.jsonl"
+    good = {"row": 0, "scores": [1.0, 0.0]}
+    scores.write_text(json.dumps(good) + "\n" + json.dumps({"row": 1, "error": "413 refused"}) + "\n")
+    assert list(_read_done(scores)) == [0]  # row 1 is scored again
+    assert "error" not in scores.read_text()
+    scores.write_text(json.dumps(good) + "\n[1]\n" + json.dumps(good) + "\n")
+    with pytest.raises(DpormError, match="not a score record"):
+        _read_done(scores)
+    (tmp_path / "eval-config.json").write_text("{torn")
+    with pytest.raises(DpormError, match="corrupt; rerun with --overwrite"):
+        run_rows(None, [], tmp_path, {"command": "x"})
+
+
+def test_unreadable_data_and_config_files_are_one_line_errors(tmp_path):
+    corrupt = tmp_path / "rows.jsonl.gz"
+    corrupt.write_bytes(b"garbage, not gzip")
+    with pytest.raises(DpormError, match="cannot read"):
+        list(read_records(corrupt))
+    utf16 = tmp_path / "rows.jsonl"
+    utf16.write_bytes(gzip.compress(b'{"prompt": "p"}\n'))
+    with pytest.raises(DpormError, match="cannot read"):
+        list(read_records(utf16))
+    config = tmp_path / "c.yaml"
+    config.write_text(": : bad yaml\n  - x\n")
+    with pytest.raises(DpormError, match="cannot parse"):
+        read_config_file(str(config))
+
+
+def test_logprobs_skips_records_it_cannot_encode_and_names_them(artifact, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Hi.", "response": "word " * 40}, {"prompt": ["x"], "response": "a"},
+            {"prompt": "Hi.", "response": "Hello."}]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "logps.jsonl"
+    args = ["logprobs", "--model", str(artifact / "policy"), "--data", str(data), "--max-length", "24"]
+    assert main([*args, "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 record(s) that cannot be encoded: 1 (" in err and "; 2 (" in err
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [2]
