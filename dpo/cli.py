@@ -27,10 +27,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line (``dporm: error: …``, exit 1) like every other user error, not a usage dump."""
+
+    def error(self, message: str):
+        raise DpormError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate."
-    )
+    parser = _Parser(prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate.")
     parser.add_argument("--version", action="version", version=f"dporm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -164,8 +169,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
     except DpormError as e:
         print(f"dporm: error: {e}", file=sys.stderr)

@@ -99,3 +99,10 @@ def test_logprobs_skips_records_it_cannot_encode_and_names_them(artifact, tmp_pa
     err = capsys.readouterr().err
     assert "skipped 2 record(s) that cannot be encoded: 1 (" in err and "; 2 (" in err
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [2]
+
+
+@pytest.mark.parametrize(("argv", "message"), [([], "required: COMMAND"), (["train", "--loss", "bogus"], "--loss")])
+def test_usage_mistakes_are_one_line_and_exit_1(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dporm: error:") and message in err[0]
