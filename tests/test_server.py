@@ -98,11 +98,11 @@ def test_rerank_sorts_by_reward_and_shares_the_prompt(client):
     assert all(0 < r["score"] < 1 and "text" not in r for r in squashed)
 
 
-def test_probes_info_models_metrics(client):
+def test_probes_info_models_metrics(client, artifact):
     assert client.get("/health").json() == {"status": "ok"} and client.get("/ready").status_code == 200
     info = client.get("/info").json()
     assert info["beta"] == 0.5 and len(info["models"]["reference_sha256"]) == 64 and info["limits"]["max_items"] == 256
-    assert client.get("/v1/models").json()["data"][0]["id"] == "artifact0"
+    assert client.get("/v1/models").json()["data"][0]["id"] == artifact.name
     client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Hi."}]})
     text = client.get("/metrics").text
     for name in (
