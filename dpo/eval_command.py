@@ -45,6 +45,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise DpormError(f"{', '.join(offline)}: offline only (the server loaded its own model)")
     if compat and args.max_length is not None:
         raise DpormError("--rewardbench-compat fixes RewardBench's lengths (2048/128): drop --max-length")
+    if not args.server:  # bad precision or device names fail before any weights load
+        from dpo.models import resolve_device, resolve_dtype
+
+        resolve_dtype(args.dtype), resolve_device(args.device)
 
 
 def make_backend(args: argparse.Namespace, mode: ScoreMode):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
 from dpo.manifest import DTYPE_HELP
+from dpo.models import resolve_device, resolve_dtype
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
 from dpo.trainer import wilson_interval
@@ -29,6 +30,7 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 def run_score(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
+    resolve_dtype(args.dtype), resolve_device(args.device)  # bad names fail before any work
     if args.output:
         require_writable(args.output)
     rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))

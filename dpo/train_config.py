@@ -194,6 +194,8 @@ def check_config(c: TrainConfig, explicit: set[str]) -> None:
         raise _conflict("mixed_precision", "dtype", "autocast needs float32 master weights")
     positive = ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints", "limit", "max_steps")
     require_at_least(c, positive)
+    if c.lora_alpha <= 0:
+        raise DpormError(f"--lora-alpha must be positive, got {c.lora_alpha:g}")
     for name in ("eval_size", "eval_every", "save_every", "weight_decay", "max_grad_norm", "lora_dropout"):
         if getattr(c, name) < 0:
             raise DpormError(f"--{name.replace('_', '-')} must not be negative")

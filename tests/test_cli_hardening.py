@@ -106,3 +106,10 @@ def test_usage_mistakes_are_one_line_and_exit_1(capsys, argv, message):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dporm: error:") and message in err[0]
+
+
+def test_eval_checks_precision_and_device_names_before_loading(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-model")
+    argv = ["eval", "rewardbench", "--policy", missing, "--beta", "0.1", "--data", str(RB), "--output", str(tmp_path)]
+    assert main([*argv, "--dtype", "bogus"]) == 1
+    assert "unknown dtype 'bogus'" in capsys.readouterr().err
