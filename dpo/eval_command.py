@@ -6,7 +6,6 @@ against running servers (``--server``, repeatable). Scores: see :mod:`dpo.eval_b
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import sys
 import time
@@ -101,7 +100,10 @@ def _rewardbench2_row(i: int, row: dict) -> Row:
 
 
 def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int, str]], str]:
-    """Rows to score, skipped rows (number, reason) and the sha256 of the data used."""
+    """Rows to score (the first ``--limit``), skipped rows (number, reason) and the sha256 of the whole data.
+
+    The hash covers every row, not only the limited ones, so a run can be extended with a larger ``--limit``.
+    """
     split = args.split or DEFAULT_SPLITS[args.eval_command]
     if args.eval_command == "pairs":
         from dpo.preference_data import load_preferences
@@ -110,11 +112,12 @@ def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int,
         examples = data.examples[: args.limit]
         rows = [Row(i, Group(ex.prompt, ex.responses), {"source_row": ex.row, "pairs": [list(p) for p in ex.pairs]})
                 for i, ex in enumerate(examples)]  # fmt: skip
-        return rows, data.skipped, digest([[ex.prompt, ex.responses, ex.pairs] for ex in examples])
+        return rows, data.skipped, digest([[ex.prompt, ex.responses, ex.pairs] for ex in data.examples])
     from dpo.preference_data import load_rows
 
     parse = _rewardbench_row if args.eval_command == "rewardbench" else _rewardbench2_row
-    raw = list(itertools.islice(load_rows(args.data, split), args.limit))
+    everything = list(load_rows(args.data, split))
+    raw = everything[: args.limit]
     rows, skipped = [], []
     for i, row in enumerate(raw):
         try:
@@ -126,7 +129,7 @@ def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int,
         raise DpormError(f"{args.data}: no usable row for {args.eval_command} ({shown or 'no rows'})")
     if skipped:
         print(f"skipped {len(skipped)} row(s): {shown}", file=sys.stderr)
-    return rows, skipped, digest(raw)
+    return rows, skipped, digest(everything)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -141,7 +144,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     config = {
         "command": args.eval_command,
         "data_sha256": data_hash,
-        "rows": len(rows),
         "mode": {"reference_free": mode.reference_free, "norm": mode.norm if mode.reference_free else None},
         "rewardbench_compat": bool(getattr(args, "rewardbench_compat", False)),
         "model": {k: model.get(k) for k in ("policy_sha256", "reference_sha256", "beta", "max_length", "dtype")},

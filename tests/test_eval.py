@@ -140,11 +140,21 @@ def test_config_change_is_an_error_unless_overwrite(tmp_path, monkeypatch, capsy
     use(monkeypatch, FakeBackend(fn=fact_score))
     assert run("rewardbench", RB, tmp_path) == 0
     capsys.readouterr()
-    assert run("rewardbench", RB, tmp_path, "--limit", "3") == 1
+    assert run("rewardbench", RB, tmp_path, "--reference-free") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another configuration" in err[0] and "--overwrite" in err[0]
     assert run("rewardbench", RB, tmp_path, "--limit", "3", "--overwrite") == 0
     assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_larger_limit_extends_a_run(tmp_path, monkeypatch):
+    use(monkeypatch, FakeBackend(fn=fact_score))
+    assert run("rewardbench", RB, tmp_path / "full") == 0
+    assert run("rewardbench", RB, tmp_path / "grown", "--limit", "3") == 0
+    again = use(monkeypatch, FakeBackend(fn=fact_score))
+    assert run("rewardbench", RB, tmp_path / "grown") == 0 and again.scored == 9  # the first 3 rows are reused
+    full, grown = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "grown"))
+    assert full["overall"] == grown["overall"] and full["config_hash"] == grown["config_hash"]
 
 
 def test_rewardbench2_fixture(tmp_path, monkeypatch):
