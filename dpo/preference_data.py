@@ -195,8 +195,11 @@ def parse_row(row: dict, cols: Columns, row_number: int) -> PreferenceExample:
     if isinstance(chosen, list) or isinstance(rejected, list):
         prompt_value, chosen_text, rejected_text = _conversational(prompt, chosen, rejected, cols)
     elif prompt is None:
-        prompt_value, chosen_text, rejected_text = split_implicit_prompt(_text(chosen, cols.chosen),
-                                                                         _text(rejected, cols.rejected))  # fmt: skip
+        try:
+            dialogues = _text(chosen, cols.chosen), _text(rejected, cols.rejected)
+            prompt_value, chosen_text, rejected_text = split_implicit_prompt(*dialogues)
+        except RowError as e:  # no prompt field: the row had to be an implicit-prompt dialogue
+            raise RowError(f"no '{cols.prompt}' field, and not an implicit-prompt dialogue: {e}") from None
         chosen_text, rejected_text = _text(chosen_text, cols.chosen), _text(rejected_text, cols.rejected)
     else:
         prompt_value = _text(prompt, cols.prompt) if not isinstance(prompt, list) else _messages(prompt, cols.prompt)

@@ -84,6 +84,12 @@ def test_bad_rows_are_reported_with_row_numbers_and_skipped():
         parse_rows(rows[1:])
 
 
+def test_a_missing_prompt_column_is_named():
+    row = {"question": "Q?", "chosen": "yes", "rejected": "no"}
+    with pytest.raises(DpormError, match="no 'query' field, and not an implicit-prompt dialogue"):
+        parse_rows([row], Columns(prompt="query"), strict=True)
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv", "saved", "jsonl.gz"])
 def test_local_sources(tmp_path, kind):
     rows = [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(3)]
