@@ -108,11 +108,18 @@ def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int,
     if args.eval_command == "pairs":
         from dpo.preference_data import load_preferences
 
-        data = load_preferences(args.data, split=split, strict=args.strict)
+        data = load_preferences(args.data, split=split, report=lambda _: None)
         examples = data.examples[: args.limit]
+        # Only unusable rows before the last scored one count (and are fatal with --strict): with --limit,
+        # a bad row further on is neither scored nor skipped.
+        end = examples[-1].row if len(examples) < len(data.examples) else float("inf")
+        skipped = [(n, why) for n, why in data.skipped if n < end]
+        if skipped and args.strict:
+            raise DpormError(f"row {skipped[0][0]}: {skipped[0][1]} (--strict)")
+        _report_skipped(skipped)
         rows = [Row(i, Group(ex.prompt, ex.responses), {"source_row": ex.row, "pairs": [list(p) for p in ex.pairs]})
                 for i, ex in enumerate(examples)]  # fmt: skip
-        return rows, data.skipped, digest([[ex.prompt, ex.responses, ex.pairs] for ex in data.examples])
+        return rows, skipped, digest([[ex.prompt, ex.responses, ex.pairs] for ex in data.examples])
     from dpo.preference_data import load_rows
 
     parse = _rewardbench_row if args.eval_command == "rewardbench" else _rewardbench2_row
@@ -124,12 +131,19 @@ def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int,
             rows.append(parse(i, row))
         except ValueError as e:
             skipped.append((i + 1, str(e)))
-    shown = "; ".join(f"row {n}: {why}" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
     if not rows:
-        raise DpormError(f"{args.data}: no usable row for {args.eval_command} ({shown or 'no rows'})")
-    if skipped:
-        print(f"skipped {len(skipped)} row(s): {shown}", file=sys.stderr)
+        raise DpormError(f"{args.data}: no usable row for {args.eval_command} ({_shown(skipped) or 'no rows'})")
+    _report_skipped(skipped)
     return rows, skipped, digest(everything)
+
+
+def _shown(skipped: list[tuple[int, str]]) -> str:
+    return "; ".join(f"row {n}: {why}" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+
+
+def _report_skipped(skipped: list[tuple[int, str]]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} row(s): {_shown(skipped)}", file=sys.stderr)
 
 
 def run_eval(args: argparse.Namespace) -> dict:

@@ -236,3 +236,20 @@ def test_pairs_from_rankings_use_every_ordered_pair(tmp_path, monkeypatch):
     pairs = [(ex.responses[w], ex.responses[lo]) for ex in examples for w, lo in ex.pairs]
     assert res["accuracy"]["n"] == len(pairs) > len(examples)
     assert res["accuracy"]["correct"] == sum(len(w) < len(lo) for w, lo in pairs)
+
+
+def test_pairs_strict_and_skips_cover_only_the_rows_in_range(tmp_path, monkeypatch, capsys):
+    good = [json.loads(line) for line in PREFS.read_text().splitlines()[:3]]
+    bad = {"prompt": "Same?", "chosen": "yes", "rejected": "yes"}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (good[0], good[1], bad, good[2])))
+    use(monkeypatch, FakeBackend(fn=lambda p, r: len(r)))
+    assert run("pairs", data, tmp_path / "a", "--strict", "--limit", "2") == 0  # row 3 lies beyond the limit
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["accuracy"]["n"] == 2 and "skipped" not in capsys.readouterr().err
+    assert run("pairs", data, tmp_path / "b", "--limit", "3") == 0  # the 3rd example is row 4: row 3 is skipped
+    assert "skipped 1 row(s): row 3: chosen and rejected are identical" in capsys.readouterr().err
+    for extra in ([], ["--limit", "3"]):
+        assert run("pairs", data, tmp_path / "c", "--strict", *extra) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["dporm: error: row 3: chosen and rejected are identical (--strict)"]
