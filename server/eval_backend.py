@@ -10,6 +10,8 @@ is offline only.
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +22,26 @@ from dpo.eval_backend import Group, ResponseScore, ScoreMode, mode_score
 from server.client import RewardClient, RewardServerError
 
 
+def _loaded_info(client: RewardClient, timeout: float) -> dict:
+    """The server's ``/info`` once its model has loaded (a server started just before answers while loading)."""
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            info = client.info()
+        except (httpx.HTTPError, RewardServerError) as e:
+            raise DpormError(f"{client.base_url}: cannot get /info ({e})") from None
+        if "model" in info:
+            return info
+        if info.get("load_error"):
+            raise DpormError(f"{client.base_url}: the server could not load its model: {info['load_error']}")
+        if time.monotonic() >= deadline:
+            raise DpormError(f"{client.base_url}: the model is still loading after {timeout:g} s (--timeout)")
+        if not said:
+            print(f"waiting for {client.base_url} to load its model ...", file=sys.stderr)
+            said = True
+        client.sleep(1.0)
+
+
 class ServerBackend:
     def __init__(self, urls: Sequence[str], mode: ScoreMode, api_key: str | None = None, batch_size: int = 32,
                  max_retries: int = 5, timeout: float = 300.0):  # fmt: skip
@@ -27,10 +49,7 @@ class ServerBackend:
         self.clients = [RewardClient(u, api_key, timeout, max_retries, batch_size=batch_size) for u in urls]
         self.infos = []
         for client in self.clients:
-            try:
-                self.infos.append(client.info())
-            except (httpx.HTTPError, RewardServerError) as e:
-                raise DpormError(f"{client.base_url}: cannot get /info ({e})") from None
+            self.infos.append(_loaded_info(client, timeout))
             client.batch_size = min(client.batch_size, self.infos[-1].get("limits", {}).get("max_items", batch_size))
         keys = {(i.get("beta"), str(i.get("models", {}).get("policy_sha256")),
                  str(i.get("models", {}).get("reference_sha256"))) for i in self.infos}  # fmt: skip

@@ -45,15 +45,24 @@ def servers(reward_model):
     for _ in range(2):
         state = State(Limits(max_items=4), None)  # fewer items than a chunk has: the client must split
         state.attach(reward_model)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        running.append((server, thread, f"http://127.0.0.1:{port}"))
-    deadline = time.time() + 30
-    while not all(s.started for s, _, _ in running) and time.time() < deadline:
-        time.sleep(0.05)
+        running.append(start_server(state))
     yield [url for _, _, url in running]
+    stop_servers(running)
+
+
+def start_server(state: State, loader=None) -> tuple[uvicorn.Server, threading.Thread, str]:
+    port = free_port()
+    app = create_app(state, loader)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop_servers(running) -> None:
     for server, thread, _ in running:
         server.should_exit = True
         thread.join(timeout=10)
@@ -97,6 +106,34 @@ def test_rewardbench2_offline_equals_server(tmp_path, artifact, servers):
     a, b = results(tmp_path / "a"), results(tmp_path / "b")
     assert a["overall"] == pytest.approx(b["overall"], abs=1e-6)
     assert set(a["subsets"]) == {"Factuality", "Math", "Focus", "Ties"}
+
+
+def test_server_still_loading_is_awaited_and_a_failed_load_is_one_line(tmp_path, artifact, reward_model, capsys):
+    """A server started just before ``dporm eval`` answers /info while loading: eval waits for the model."""
+
+    def slow():
+        time.sleep(1.5)
+        return reward_model
+
+    def broken():
+        raise RuntimeError("no weights here")
+
+    running = [start_server(State(Limits(), None), slow), start_server(State(Limits(), None), broken)]
+    try:
+        base = ["eval", "rewardbench", "--data", str(RB), "--limit", "4"]
+        assert main([*base, "--server", running[0][2], "--output", str(tmp_path / "served")]) == 0
+        assert "waiting for" in capsys.readouterr().err
+        assert main([*base, str(artifact), "--device", "cpu", "--output", str(tmp_path / "offline")]) == 0
+        served, offline = results(tmp_path / "served"), results(tmp_path / "offline")
+        assert served["model"]["beta"] == offline["model"]["beta"] == reward_model.beta
+        assert served["model"]["policy_sha256"] == offline["model"]["policy_sha256"] is not None
+        assert served["config_hash"] == offline["config_hash"]  # so either run can extend the other
+        assert main([*base, "--server", running[1][2], "--output", str(tmp_path / "broken")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        cause = "the server could not load its model: RuntimeError: no weights here"
+        assert err[-1] == f"dporm: error: {running[1][2]}: {cause}"
+    finally:
+        stop_servers(running)
 
 
 def test_resume_of_a_real_run_is_identical(tmp_path, artifact):
