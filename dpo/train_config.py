@@ -158,9 +158,16 @@ def _coerce(name: str, value):
     return out
 
 
+ALTERNATIVES = (("max_steps", "epochs"), ("eval_data", "eval_size"))  # two ways to set one thing
+
+
 def build_config(given: dict) -> tuple[TrainConfig, set[str]]:
     """Merge config file and flags; returns the config and the names set explicitly (file or flag)."""
     merged = read_config_file(given["config"]) if given.get("config") else {}
+    for pair in ALTERNATIVES:  # a flag overrides the file's alternative to it too (--max-steps over epochs: 1)
+        for flag, other in (pair, pair[::-1]):
+            if flag in given and other not in given:
+                merged.pop(other, None)
     merged.update(given)
     config = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
     explicit = set(merged)

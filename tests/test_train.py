@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from dpo.batching import encode_examples
 from dpo.cli import main
+from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
 from dpo.preference_data import load_preferences
@@ -274,3 +275,17 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
+
+
+def test_a_flag_overrides_the_config_files_alternative_to_it(tmp_path):
+    from dpo.train_config import build_config
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: {PREFS}\noutput: {tmp_path / 'out'}\nepochs: 1\neval_size: 4\n")
+    c, explicit = build_config({"config": str(config), "max_steps": 3, "eval_data": str(PREFS)})
+    assert c.max_steps == 3 and c.epochs == 1.0 and "epochs" not in explicit  # the default, no longer a conflict
+    assert c.eval_data == str(PREFS) and c.eval_size == 0
+    c, _ = build_config({"config": str(config), "eval_size": 2})  # no alternative given: the file stands
+    assert c.eval_size == 2 and c.max_steps is None
+    with pytest.raises(DpormError, match="--max-steps conflicts with --epochs"):
+        build_config({"config": str(config), "max_steps": 3, "epochs": 2})  # both typed: still a conflict
