@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def run_trl(args: argparse.Namespace, model: str, work: Path) -> tuple[list[dict
 
 def run_dporm(args: argparse.Namespace, model: str, work: Path) -> tuple[list[dict], float]:
     out = work / "dporm-run"
+    shutil.rmtree(out, ignore_errors=True)  # a benchmark starts afresh: dporm train refuses an earlier run's output
     cmd = [sys.executable, "-c", DPORM_SIDE, "train", "--model", model, "--data", str(work / "rows.jsonl"),
            "--output", str(out), "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--lr",
            str(args.lr), "--beta", "0.1", "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0",
