@@ -7,7 +7,7 @@ import sys
 
 from dpo import __version__
 from dpo.errors import DpormError
-from dpo.manifest import DTYPE_HELP
+from dpo.manifest import ONE_MODEL_DTYPE_HELP
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        help=DTYPE_HELP,
+        help=ONE_MODEL_DTYPE_HELP,  # one model: nothing to pair
     )
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--cache-dir", help="dporm cache root (default $DPORM_CACHE_DIR or ~/.cache/dporm)")

@@ -245,7 +245,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     pairs = benchmarks.add_parser(
         "pairs",
         help="any preference pairs: accuracy with 95%% CI and Bradley–Terry calibration",
-        description="Accuracy (95%% Wilson CI) and calibration of σ(r_chosen − r_rejected) (reliability diagram, "
+        description="Accuracy (95% Wilson CI) and calibration of σ(r_chosen − r_rejected) (reliability diagram, "
         "ECE) on any preference data load_preferences reads (prompt/chosen/rejected, chat, HH-RLHF, rankings).",
     )
     _common(pairs, "pairs")

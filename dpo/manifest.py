@@ -22,10 +22,11 @@ FILENAME = "dporm.json"
 FORMAT_VERSION = 1
 NORMALIZATIONS = ("sum", "mean")
 # The --dtype choices of every command that loads models (dpo.models.resolve_dtype).
+_MIXED_HELP = "log-softmax is always fp32; bf16-mixed: bf16 decoder matmuls, fp32 residual stream and LM head"
+ONE_MODEL_DTYPE_HELP = f"fp32 | bf16 | bf16-mixed | fp16 ({_MIXED_HELP})"
 DTYPE_HELP = (
-    "fp32 | bf16 | bf16-mixed | bf16-paired | fp16 (log-softmax is always fp32; bf16-mixed: bf16 decoder matmuls, "
-    "fp32 residual stream and LM head; bf16-paired: policy and reference in one pass, the policy as the reference "
-    "plus an fp32 difference, so bf16 rounding cancels in the reward; Llama-style models)"
+    f"fp32 | bf16 | bf16-mixed | bf16-paired | fp16 ({_MIXED_HELP}; bf16-paired: policy and reference in one pass, "
+    "the policy as the reference plus an fp32 difference, so bf16 rounding cancels in the reward; Llama-style models)"
 )
 
 
