@@ -3,7 +3,8 @@
 ``DPORM_KERNEL=auto`` (default) runs Triton on CUDA tensors when Triton is installed
 and the torch path otherwise; ``DPORM_KERNEL=triton`` or ``torch`` forces one. With
 ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors (slowly), which is how
-CI tests the kernels themselves.
+CI tests the kernels themselves. float64 tensors always take the torch path (the
+Triton kernels compute in float32).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def backend_name(tensor: torch.Tensor) -> str:
         raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(CHOICES)}")
     if choice == "torch":
         return "torch"
+    if tensor.dtype == torch.float64:
+        return "torch"  # the Triton kernels compute in float32; float64 (gradcheck, references) keeps float64
     runnable = triton_installed() and (tensor.is_cuda or interpreting())
     if choice == "triton" and not runnable:
         why = "Triton is not installed" if not triton_installed() else "tensors are not on CUDA"

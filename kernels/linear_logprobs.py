@@ -28,7 +28,7 @@ import torch
 
 from kernels import torch_backend
 from kernels.backend import backend
-from kernels.logprobs import flatten
+from kernels.logprobs import check_targets, flatten
 from kernels.torch_backend import accumulation_dtype
 
 # Tokens per chunk: about this many logits per chunk (a 256-row chunk at V = 49152 in float32 is 48 MiB).
@@ -80,8 +80,9 @@ def _tiled_forward(hidden, weight, bias, targets, ignore_index: int) -> tuple[to
             inside = (t >= j) & (t < j + cols)
             picked = torch.where(inside, z.gather(1, (t - j).clamp(0, cols - 1)[:, None]).squeeze(1), picked)
             new_max = torch.maximum(run_max, z.amax(1))
-            run_sum.mul_(torch.exp(run_max - new_max))  # 0 on the first tile: exp(-inf)
-            run_sum += torch.sub(z, new_max[:, None], out=z).exp_().sum(1)  # z is spent: reuse it
+            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # all -inf so far: exp(-inf - -inf) is NaN
+            run_sum.mul_(torch.exp(run_max - shift))  # 0 on the first tile: exp(-inf)
+            run_sum += torch.sub(z, shift[:, None], out=z).exp_().sum(1)  # z is spent: reuse it
             run_max = new_max
         lse[s : s + rows] = run_max + run_sum.log()
         logp[s : s + rows] = picked - lse[s : s + rows]
@@ -162,5 +163,6 @@ def linear_token_logprobs(
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not map hidden size {hidden.shape[-1]} to a vocabulary")
     flat_hidden, flat_targets = flatten(hidden, targets)
+    check_targets(flat_targets, weight.shape[0], ignore_index)
     out = LinearTokenLogprobsFunction.apply(flat_hidden.contiguous(), weight, bias, flat_targets, ignore_index)
     return out.view(targets.shape)

@@ -34,6 +34,14 @@ def flatten(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
     return (flat if flat.stride(-1) == 1 else flat.contiguous()), targets.reshape(-1).long().contiguous()
 
 
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is a token id in ``[0, vocab)`` or ``ignore_index`` (a kernel must not read outside a row)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        value = int(targets[bad][0])
+        raise ValueError(f"target {value} is outside the vocabulary [0, {vocab}) and not ignore_index={ignore_index}")
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Log-probability of each target token under ``softmax(logits)``.
 
@@ -50,4 +58,5 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         Triton on CUDA, a chunked torch path elsewhere (see :mod:`kernels.backend`).
     """
     flat_logits, flat_targets = flatten(logits, targets)
+    check_targets(flat_targets, flat_logits.shape[-1], ignore_index)
     return TokenLogprobsFunction.apply(flat_logits, flat_targets, ignore_index).view(targets.shape)

@@ -77,4 +77,6 @@ def backward(
         torch.mul(work, -grad_rows[rows], out=grad_logits[rows])
         # Per chunk: a whole-tensor scatter_ on bf16 allocates a float32 copy of the tensor on CPU.
         grad_logits[rows].scatter_(1, safe_targets[rows], at_target[rows].to(grad_logits.dtype))
+        if ignored[rows].any():  # 0, even where an ignored (padding) row's logits are not finite: 0·NaN is NaN
+            grad_logits[rows].masked_fill_(ignored[rows, None], 0.0)
     return grad_logits

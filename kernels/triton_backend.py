@@ -31,13 +31,16 @@ def _forward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        # While every logit so far is -inf, shift by 0: exp(-inf - -inf) would be NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     target = tl.load(targets_ptr + row)
     ignored = target == ignore_index
-    picked = tl.load(row_ptr + tl.where(ignored, 0, target)).to(tl.float32)
-    tl.store(logp_ptr + row, tl.where(ignored, 0.0, picked - lse))
+    valid = (target >= 0) & (target < n_vocab)  # checked by the caller; never read outside the row
+    picked = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+    tl.store(logp_ptr + row, tl.where(ignored, 0.0, tl.where(valid, picked - lse, float("nan"))))
     tl.store(lse_ptr + row, lse)
 
 
@@ -50,13 +53,15 @@ def _backward_kernel(
     row_ptr = logits_ptr + row * row_stride
     grad_row_ptr = grad_ptr + row * grad_row_stride
     target = tl.load(targets_ptr + row)
-    g = tl.where(target == ignore_index, 0.0, tl.load(grad_out_ptr + row).to(tl.float32))
+    ignored = target == ignore_index
+    g = tl.where(ignored, 0.0, tl.load(grad_out_ptr + row).to(tl.float32))
     lse = tl.load(lse_ptr + row).to(tl.float32)
     for start in range(0, n_vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < n_vocab
         x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        grad = tl.where(cols == target, g, 0.0) - g * tl.exp(x - lse)
+        # An ignored row's gradient is 0 even where its logits are not finite (padding rows).
+        grad = tl.where(ignored, 0.0, tl.where(cols == target, g, 0.0) - g * tl.exp(x - lse))
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 

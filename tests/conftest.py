@@ -15,9 +15,22 @@ BACKENDS = ["torch", "triton"]
 
 @pytest.fixture(params=BACKENDS)
 def kernel_backend(request, monkeypatch):
-    """Runs a test once per implementation, forcing it with DPORM_KERNEL."""
+    """Runs a test once per implementation, forcing it with DPORM_KERNEL.
+
+    With a GPU, the Triton case makes CUDA the default device, so the compiled kernels are tested;
+    without one, the kernels run interpreted on CPU tensors.
+    """
     monkeypatch.setenv("DPORM_KERNEL", request.param)
+    if request.param == "triton":
+        on_triton_device(request)
     return request.param
+
+
+def on_triton_device(request) -> None:
+    """CUDA as the default device for the rest of a test when there is a GPU (Triton's compiled kernels)."""
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
+        request.addfinalizer(lambda: torch.set_default_device(None))
 
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 97, dtype: torch.dtype = torch.float32, **overrides):

@@ -107,3 +107,13 @@ def test_cpu_vocabulary_tiles_match_reference(monkeypatch, dtype, vocab, bias):
     monkeypatch.setattr(linear_module, "CPU_ROWS", 512)
     whole, _ = linear_module._tiled_forward(h.detach(), w.detach(), None if b is None else b.detach(), t, -100)
     torch.testing.assert_close(whole, logp, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+def test_a_leading_tile_of_minus_infinity_is_not_nan(kernel_backend, monkeypatch):
+    monkeypatch.setattr(linear_module, "VOCAB_BLOCK", 4)  # the CPU forward's first vocabulary tile is all -inf
+    h, w = torch.randn(2, 3), torch.randn(8, 3)
+    bias = torch.tensor([float("-inf")] * 5 + [0.0, 0.0, 0.0])
+    t = torch.tensor([6, 7])
+    out = linear_token_logprobs(h, w, t, bias=bias)
+    torch.testing.assert_close(out.double(), reference(h, w, t, bias))
+    assert torch.isfinite(out).all()
