@@ -5,8 +5,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-# Pin torch first: a loose requirement would pull a multi-GB CUDA build where a CPU one is wanted.
-.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# Install torch first, pinned, from pip's configured sources (set TORCH_INDEX_URL to a CPU wheel index where the
+# default index would give a multi-GB CUDA build); the project's own torch requirement is then already met.
+.venv/bin/python -c 'import torch' 2>/dev/null || .venv/bin/python -m pip install -q --disable-pip-version-check \
+    ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 # RewardBench's DPO runner is a test oracle and benchmark baseline; its own dependency pins are not wanted.
 .venv/bin/python -c 'import importlib.util as u; exit(u.find_spec("rewardbench") is None)' 2>/dev/null \
