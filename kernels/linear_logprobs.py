@@ -9,8 +9,9 @@ Backward recomputes each chunk's logits, turns them into
     grad_h_c = G_c W        grad_W += G_c^T h_c        grad_b += Σ_rows G_c
 
 so peak memory is one chunk of logits (and its gradient) instead of [N, V].
-The matmuls run in the input dtype (as the model's own LM head does); the
-softmax math is float32.
+The logits and ``grad_h`` matmuls run in the input dtype (as the model's own LM head does);
+``grad_W`` and ``grad_b`` accumulate over chunks in float32 (a float32 matmul), and the softmax
+math is float32.
 
 On a CPU (torch backend) the forward instead walks the vocabulary in tiles of
 ``VOCAB_BLOCK`` columns, folding each tile into a running logsumexp while it is
@@ -162,6 +163,9 @@ def linear_token_logprobs(
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not match")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not map hidden size {hidden.shape[-1]} to a vocabulary")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")  # fmt: skip
     flat_hidden, flat_targets = flatten(hidden, targets)
     check_targets(flat_targets, weight.shape[0], ignore_index)
     out = LinearTokenLogprobsFunction.apply(flat_hidden.contiguous(), weight, bias, flat_targets, ignore_index)

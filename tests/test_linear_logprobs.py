@@ -117,3 +117,8 @@ def test_a_leading_tile_of_minus_infinity_is_not_nan(kernel_backend, monkeypatch
     out = linear_token_logprobs(h, w, t, bias=bias)
     torch.testing.assert_close(out.double(), reference(h, w, t, bias))
     assert torch.isfinite(out).all()
+
+
+def test_mixed_dtypes_are_a_clear_error():
+    with pytest.raises(TypeError, match="share a dtype"):
+        linear_token_logprobs(torch.randn(2, 3), torch.randn(5, 3).bfloat16(), torch.tensor([1, 2]))
