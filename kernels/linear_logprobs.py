@@ -129,6 +129,9 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             if need_h:
                 torch.mm(g, weight, out=grad_h[rows])
             if need_w:
+                ignored = targets[rows] == ctx.ignore_index
+                if ignored.any():  # an ignored row's G is 0, but 0·NaN is NaN: garbage in padding rows stays out
+                    h = h.masked_fill(ignored[:, None], 0)
                 grad_w.addmm_(g.t().to(acc), h.to(acc))
             if need_b:
                 grad_b += g.sum(0, dtype=acc)
