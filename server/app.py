@@ -13,10 +13,12 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +28,7 @@ from dpo.encoding import Encoded
 from dpo.errors import DpormError, EncodingError
 from dpo.scorer import RewardModel, RewardResult
 from server import schemas as s
+from server.admission import Admission
 from server.batcher import Batcher, Job, QueueFull, TooLarge
 from server.metrics import ServerMetrics
 
@@ -65,8 +68,11 @@ class State:
         self.load_error: str | None = None
         self.on_load_error = None  # called with the one-line cause when the background load fails
         self.loader_thread: threading.Thread | None = None
-        # Tokenizing runs off the event loop, one request at a time (a fast tokenizer is not re-entrant).
+        # Tokenizing runs off the event loop, one request at a time (a fast tokenizer is not re-entrant);
+        # requests waiting for it count against max_queue_requests too (429), as the model's queue does.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dporm-tokenize")
+        self.tokenize_waiting = 0
+        self.lock = threading.Lock()
 
     def attach(self, model: RewardModel) -> None:
         self.batcher = Batcher(
@@ -122,76 +128,73 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), "not_found_error" if e.status_code == 404 else "http_error")
+        if e.status_code == 400:  # FastAPI's "error parsing the body" (bad UTF-8, nesting too deep): malformed input
+            return _error(422, str(e.detail), "invalid_request_error")
+        kind = "not_found_error" if e.status_code == 404 else "http_error"
+        return _error(e.status_code, str(e.detail), kind, getattr(e, "headers", None))  # 405 keeps its Allow
 
-    async def admit(request: Request) -> JSONResponse | None:
-        """401 before anything else on inference routes; 413 for a body over the limit, chunked or not."""
-        if request.method == "POST" and request.url.path in INFERENCE_ROUTES:
-            try:
-                authorize(request)
-            except ApiError as e:
-                return _error(e.code, e.message, e.kind, e.headers)
-        too_large = _error(413, f"request body over {state.limits.max_body_bytes} bytes", "request_too_large")
-        length = request.headers.get("content-length")
-        if length is not None:
-            return too_large if length.isdigit() and int(length) > state.limits.max_body_bytes else None
-        if request.method in ("POST", "PUT", "PATCH"):  # no length given (chunked): count while reading
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > state.limits.max_body_bytes:
-                    return too_large
-                chunks.append(chunk)
-            request._body = b"".join(chunks)  # starlette hands a read body on to the route
-        return None
-
-    @app.middleware("http")
-    async def _count_and_limit(request: Request, call_next):
-        start = time.perf_counter()
-        response = await admit(request)
-        if response is None:
-            try:
-                response = await call_next(request)
-            except Exception as e:  # a bug, not the client's fault: still the error schema, and counted
-                log.exception("unhandled error on %s", request.url.path)
-                response = _error(500, f"internal error ({type(e).__name__})", "internal_error")
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        state.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if request.method == "POST":
-            state.metrics.latency.labels("total").observe(time.perf_counter() - start)
-        return response
-
-    def authorize(request: Request) -> None:
+    def authorize(headers: dict[str, str]) -> JSONResponse | None:
+        """401 unless the API key (if any) is given as ``Authorization: Bearer KEY`` (constant-time comparison)."""
         if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.api_key.encode()):
-            raise ApiError(
-                401,
-                "missing or invalid API key (Authorization: Bearer <key>)",
-                "authentication_error",
-                {"WWW-Authenticate": "Bearer"},
-            )
+            return None
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), state.api_key.encode()):
+            return None
+        message = "missing or invalid API key (Authorization: Bearer <key>)"
+        return _error(401, message, "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+    def endpoints() -> set[str]:
+        return {route.path for route in app.routes}
+
+    app.add_middleware(Admission, state=state, inference_routes=INFERENCE_ROUTES, authorize=authorize, error=_error,
+                       endpoints=endpoints)  # fmt: skip
 
     def ready_model() -> RewardModel:
-        if state.draining:
-            raise ApiError(503, "the server is shutting down", "unavailable", {"Retry-After": "5"})
+        """The model; 503 while it loads. Draining only turns /ready to 503: work still arriving is served."""
         if state.model is None:
             raise ApiError(503, state.load_error or "the model is loading", "unavailable", {"Retry-After": "5"})
         return state.model
 
-    async def encode_all(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
-        if len(pairs) > state.limits.max_items:
-            raise ApiError(413, f"{len(pairs)} sequences; the limit is {state.limits.max_items}", "request_too_large")
+    async def wait(request: Request, future: asyncio.Future, deadline: float, abandon: Callable[[], Any]) -> Any:
+        """``future``'s result; 504 past ``deadline``, 499 once the client has gone (``abandon`` runs on both)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(state.tokenizing, encode_sync, model, pairs, truncate)
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ApiError(504, f"no result within {state.limits.request_timeout:g} s", "timeout_error")
+                done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
+                if done:
+                    return future.result()
+                if await request.is_disconnected():
+                    raise ApiError(499, "client disconnected", "cancelled")
+        except BaseException:
+            abandon()
+            raise
 
-    def encode_sync(model: RewardModel, pairs: list[tuple], truncate: bool) -> list[Encoded]:
+    async def encode_all(request: Request, model: RewardModel, make_pairs: Callable[[], list[tuple]], count: int,
+                         truncate: bool, deadline: float) -> list[Encoded]:  # fmt: skip
+        """Tokenized off the event loop (``make_pairs`` too: building conversations of a large body takes time)."""
+        if count > state.limits.max_items:
+            raise ApiError(413, f"{count} sequences; the limit is {state.limits.max_items}", "request_too_large")
+        with state.lock:
+            if state.tokenize_waiting >= state.limits.max_queue_requests:
+                raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
+                               {"Retry-After": str(state.limits.retry_after)})  # fmt: skip
+            state.tokenize_waiting += 1
+        work = state.tokenizing.submit(encode_sync, model, make_pairs, truncate)
+
+        def release(_) -> None:
+            with state.lock:
+                state.tokenize_waiting -= 1
+
+        work.add_done_callback(release)
+        return await wait(request, asyncio.wrap_future(work), deadline, work.cancel)  # cancels it unless started
+
+    def encode_sync(model: RewardModel, make_pairs: Callable[[], list[tuple]], truncate: bool) -> list[Encoded]:
         start = time.perf_counter()
         seqs = []
-        for i, (prompt, response) in enumerate(pairs):
+        for i, (prompt, response) in enumerate(make_pairs()):
             try:
                 seq = model.encode(prompt, response, allow_response_truncation=truncate or None)
             except EncodingError as e:
@@ -213,10 +216,15 @@ def create_app(state: State, loader=None) -> FastAPI:
         state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
         return seqs
 
-    async def run(
-        request: Request, seqs: list[Encoded], options: s.ScoringOptions, token_rewards: bool = False
-    ) -> list[RewardResult]:
+    async def score(
+        request: Request, make_pairs: Callable[[], list[tuple]], count: int, options: s.ScoringOptions,
+        token_rewards: bool = False,
+    ) -> tuple[RewardModel, list[RewardResult]]:  # fmt: skip
+        """Tokenize, queue and score one request's sequences, all within one request timeout."""
+        model = ready_model()
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + state.limits.request_timeout
+        seqs = await encode_all(request, model, make_pairs, count, options.truncate, deadline)
         job = Job(seqs, options.reference_free, token_rewards, loop, loop.create_future())
         try:
             state.batcher.submit(job)
@@ -224,28 +232,15 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(state.limits.retry_after)}) from None
         except TooLarge as e:
             raise ApiError(413, str(e), "request_too_large") from None
-        deadline = loop.time() + state.limits.request_timeout
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ApiError(504, f"no result within {state.limits.request_timeout:g} s", "timeout_error")
-                done, _ = await asyncio.wait({job.future}, timeout=min(0.25, remaining))
-                if done:
-                    break
-                if await request.is_disconnected():
-                    raise ApiError(499, "client disconnected", "cancelled")
-        except BaseException:
-            job.cancelled = True
-            raise
-        results = job.future.result()
-        for r in results:
-            state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()
-        normalize = options.normalize or state.model.normalize
+        results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
+        if model.has_reference and not options.reference_free and model.ref_cache.capacity:  # a lookup happened
+            for r in results:
+                state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()
+        normalize = options.normalize or model.normalize
         if normalize == "mean":
             for r in results:
                 r.reward = r.reward / max(r.response_tokens, 1)
-        return results
+        return model, results
 
     def usage(results: list[RewardResult], shared_prompt: bool = False) -> s.Usage:
         prompt = results[0].prompt_tokens if shared_prompt else sum(r.prompt_tokens for r in results)
@@ -255,11 +250,11 @@ def create_app(state: State, loader=None) -> FastAPI:
             cached -= (sum(r.cached_ref for r in results) - 1) * results[0].prompt_tokens
         return s.Usage(prompt_tokens=prompt, total_tokens=total, cached_tokens=cached)
 
-    @app.post("/v1/rewards", response_model=s.RewardsResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/rewards", response_model=s.RewardsResponse)
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
-        model = ready_model()
-        seqs = await encode_all(model, [(it.conversation(), it.response) for it in body.items], body.truncate)
-        results = await run(request, seqs, body, body.return_token_rewards)
+        items = body.items
+        model, results = await score(request, lambda: [(it.conversation(), it.response) for it in items], len(items),
+                                     body, body.return_token_rewards)  # fmt: skip
         data = [
             s.RewardData(
                 index=i,
@@ -274,29 +269,37 @@ def create_app(state: State, loader=None) -> FastAPI:
         ]
         return s.RewardsResponse(model=model.name, data=data, usage=usage(results))
 
-    @app.post("/v1/preference", response_model=s.PreferenceResponse, dependencies=[Depends(authorize)])
+    @app.post("/v1/preference", response_model=s.PreferenceResponse)
     async def preference(body: s.PreferenceRequest, request: Request) -> s.PreferenceResponse:
-        model = ready_model()
-        pairs = [(p.conversation(), r) for p in body.pairs for r in (p.response_a, p.response_b)]
-        results = await run(request, await encode_all(model, pairs, body.truncate), body)
+        pairs = body.pairs
+
+        def make_pairs() -> list[tuple]:
+            out = []
+            for p in pairs:
+                conversation = p.conversation()
+                out += [(conversation, p.response_a), (conversation, p.response_b)]
+            return out
+
+        model, results = await score(request, make_pairs, 2 * len(pairs), body)
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
             data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=_sigmoid(a - b)))
         return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
 
-    async def rank(request: Request, conversation, texts: list[str], options: s.ScoringOptions):
-        model = ready_model()
-        seqs = await encode_all(model, [(conversation, t) for t in texts], options.truncate)
-        results = await run(request, seqs, options)
+    async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions):
+        def make_pairs() -> list[tuple]:
+            shared = conversation()
+            return [(shared, t) for t in texts]
+
+        model, results = await score(request, make_pairs, len(texts), options)
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
-    @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True,
-              dependencies=[Depends(authorize)])  # fmt: skip
+    @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
     async def rerank(body: s.RerankRequest, request: Request) -> s.RerankResponse:
         texts = body.texts()
-        model, results, order = await rank(request, body.conversation(), texts, body)
+        model, results, order = await rank(request, body.conversation, texts, body)
         top = order[: body.top_n] if body.top_n else order
         out = [
             s.RerankResult(
@@ -310,11 +313,10 @@ def create_app(state: State, loader=None) -> FastAPI:
             id=f"rerank-{uuid.uuid4().hex}", model=model.name, results=out, usage=usage(results, shared_prompt=True)
         )
 
-    @app.post("/rerank", response_model=list[s.TEIRank], response_model_exclude_none=True,
-              dependencies=[Depends(authorize)])  # fmt: skip
+    @app.post("/rerank", response_model=list[s.TEIRank], response_model_exclude_none=True)
     async def rerank_tei(body: s.TEIRerankRequest, request: Request) -> list[s.TEIRank]:
         options = s.ScoringOptions(truncate=body.truncate)
-        _, results, order = await rank(request, body.query, body.texts, options)
+        _, results, order = await rank(request, lambda: body.query, body.texts, options)
         return [
             s.TEIRank(
                 index=i,

@@ -3,12 +3,15 @@
 Jobs (one per HTTP request) wait in a queue bounded in requests and tokens (full: 429). The
 worker takes queued jobs up to a token budget, scores all their sequences together
 (sequences that share a prompt compute it once, across requests too), and resolves each
-job's future on the event loop. Cancelled jobs (client gone, timed out) are dropped unrun.
+job's future on the event loop. A cancelled job (client gone, timed out) leaves the queue at once,
+and its place; one already taken runs, and its result is dropped. When a batch fails, its jobs are
+scored again one by one, so a bad request fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -77,6 +80,16 @@ class Batcher:
             self._queued_tokens += job.tokens
             self._cond.notify()
 
+    def cancel(self, job: Job) -> None:
+        """Drop ``job``: out of the queue (its requests and tokens free for others) if it is still there."""
+        with self._cond:
+            job.cancelled = True
+            try:
+                self._queue.remove(job)
+            except ValueError:  # already taken by the worker
+                return
+            self._queued_tokens -= job.tokens
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the worker."""
         with self._cond:
@@ -101,6 +114,9 @@ class Batcher:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
+            now = time.perf_counter()
+            for job in batch:
+                self.observe("queue_seconds", now - job.enqueued)
             for reference_free in (False, True):
                 jobs = [j for j in batch if j.reference_free == reference_free]
                 if jobs:
@@ -118,11 +134,8 @@ class Batcher:
         return out + ([current] if current else [])
 
     def _score(self, jobs: list[Job], reference_free: bool) -> None:
-        now = time.perf_counter()
-        for job in jobs:
-            self.observe("queue_seconds", now - job.enqueued)
         seqs = [s for job in jobs for s in job.seqs]
-        want_tokens = any(job.token_rewards for job in jobs)
+        want_tokens = any(job.token_rewards for job in jobs)  # computed for all, returned to those who asked
         try:
             results: list[RewardResult] = []
             for chunk in self._chunks(seqs):
@@ -131,15 +144,27 @@ class Batcher:
                 self.observe("forward_seconds", time.perf_counter() - start)
                 self.observe("batch_sequences", len(chunk))
                 self.observe("batch_tokens", sum(len(s) for s in chunk))
-        except Exception as e:  # the model failed: every job of the batch gets the error
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_set, job.future, None, e)
+        except Exception as e:  # the model failed on some sequence: find whose, scoring each job alone
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._score([job], reference_free)
+            else:
+                _resolve(jobs[0], None, e)
             return
         offset = 0
         for job in jobs:
             part = results[offset : offset + len(job.seqs)]
             offset += len(job.seqs)
-            job.loop.call_soon_threadsafe(_set, job.future, part, None)
+            if not job.token_rewards:
+                for r in part:
+                    r.token_rewards = None
+            _resolve(job, part, None)
+
+
+def _resolve(job: Job, result, error: BaseException | None) -> None:
+    """Hand a result (or error) to the job's event loop; a loop already closed has nobody waiting."""
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(_set, job.future, result, error)
 
 
 def _set(future: asyncio.Future, result, error: BaseException | None) -> None:

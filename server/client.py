@@ -7,13 +7,16 @@ Best-of-N sampling from another app::
         i, best, reward = rm.best_of_n("Write a haiku about rain.", candidates)
 
 ``RewardClient`` and ``AsyncRewardClient`` build requests and parse answers with the same code (a ``_Call``); the
-async one sends the requests of a batched call concurrently, at most ``max_concurrency`` at a time. 429, 503 and
-connection errors are retried after ``Retry-After`` seconds, or else with exponential backoff.
+async one sends the requests of a batched call concurrently, at most ``max_concurrency`` at a time. 429, 503,
+timeouts and connection errors are retried after ``Retry-After`` (seconds or an HTTP date, at most
+``MAX_RETRY_AFTER``), or else with exponential backoff; a bad URL or another error on this side is not retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +33,10 @@ PreferencePair = tuple[Prompt, str, str] | dict[str, Any]  # (prompt, response_a
 Doc = str | dict[str, str]  # a rerank document: "text" or {"text": "text"}
 
 RETRY_STATUS = frozenset({429, 503})
+# Worth another try: the server was busy, slow or unreachable; not a bad URL (UnsupportedProtocol) or a bad request.
+RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 MAX_BACKOFF = 30.0  # seconds, the cap on exponential backoff
+MAX_RETRY_AFTER = 120.0  # seconds, the most a server's Retry-After makes the client wait
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,20 @@ def _parse(cls: type, d: dict[str, Any], offset: int) -> Any:
     return cls(**{k: v for k, v in d.items() if k in names} | {"index": offset + d["index"]})
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), capped; None if absent or bad."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if not math.isnan(seconds) else None
+
+
 def _unwrap(response: httpx.Response) -> Any:
     """The JSON body of a successful response; raises RewardServerError for an error one."""
     if response.is_success:
@@ -111,7 +131,7 @@ class _Call:
 class _BaseClient:
     _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 5,
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 75.0, max_retries: int = 5,
                  backoff: float = 0.5, batch_size: int = 64, transport: Any = None):  # fmt: skip
         assert batch_size >= 1 and max_retries >= 0, "batch_size must be >= 1 and max_retries >= 0"
         self.base_url = base_url.rstrip("/")
@@ -124,16 +144,15 @@ class _BaseClient:
         """Seconds to wait before the next try, or None to stop. ``response`` is None after a connection error."""
         if attempt >= self.max_retries or (response is not None and response.status_code not in RETRY_STATUS):
             return None
-        retry_after = None if response is None else response.headers.get("Retry-After")
-        try:
-            return max(0.0, float(retry_after))  # type: ignore[arg-type]
-        except (TypeError, ValueError):  # no response, no header, or an HTTP-date: exponential backoff
-            return min(self.backoff * 2**attempt, MAX_BACKOFF)
+        wait = _retry_after(response.headers.get("Retry-After")) if response is not None else None
+        return min(self.backoff * 2**attempt, MAX_BACKOFF) if wait is None else wait
 
-    def _batched(self, path: str, key: str, items: list[dict], options: dict, result: type) -> _Call:
-        """Items split into requests of ``batch_size``; the answers re-indexed to the caller's order."""
-        starts = range(0, len(items), self.batch_size)
-        requests = [("POST", path, {key: items[s : s + self.batch_size], **options}) for s in starts]
+    def _batched(self, path: str, key: str, items: list[dict], options: dict, result: type,
+                 size: int | None = None) -> _Call:  # fmt: skip
+        """Items split into requests of ``size`` (``batch_size``); the answers re-indexed to the caller's order."""
+        size = size or self.batch_size
+        starts = range(0, len(items), size)
+        requests = [("POST", path, {key: items[s : s + size], **options}) for s in starts]
 
         def fold(answers: list[Any]) -> list[Any]:
             results = [_parse(result, d, s) for answer, s in zip(answers, starts, strict=True) for d in answer["data"]]
@@ -151,8 +170,9 @@ class _BaseClient:
         return self._batched("/v1/rewards", "items", [_item(it, ("response",)) for it in items], options, Reward)
 
     def _preference_call(self, pairs: Sequence[PreferencePair]) -> _Call:
+        """``batch_size // 2`` pairs per request: ``batch_size`` counts sequences, as the server's ``--max-items``."""
         items = [_item(pair, ("response_a", "response_b")) for pair in pairs]
-        return self._batched("/v1/preference", "pairs", items, {}, Preference)
+        return self._batched("/v1/preference", "pairs", items, {}, Preference, max(1, self.batch_size // 2))
 
     def _rerank_call(self, query: Prompt, documents: Sequence[Doc], top_n: int | None) -> _Call:
         """One request (the prompt is shared); results come back best first, with each document's text."""
@@ -181,7 +201,7 @@ class RewardClient(_BaseClient, AbstractContextManager):
                 response = self._http.request(method, path, json=body)
                 if (delay := self._retry_delay(attempt, response)) is None:
                     return _unwrap(response)
-            except httpx.TransportError:
+            except RETRY_ERRORS:
                 if (delay := self._retry_delay(attempt, None)) is None:
                     raise
             self.sleep(delay)
@@ -256,7 +276,7 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
                     response = await self._http.request(method, path, json=body)
                 if (delay := self._retry_delay(attempt, response)) is None:
                     return _unwrap(response)
-            except httpx.TransportError:
+            except RETRY_ERRORS:
                 if (delay := self._retry_delay(attempt, None)) is None:
                     raise
             await self.asleep(delay)

@@ -128,7 +128,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="queued tokens before 429")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504 (default 60)")
     p.add_argument("--ref-cache-size", type=int, default=4096, help="reference log-prob LRU entries (0 = off)")
-    p.add_argument("--drain-seconds", type=float, default=0.0, help="on SIGTERM, answer /ready 503 this long first")
+    p.add_argument("--drain-seconds", type=float, default=0.0,
+                   help="on SIGTERM, answer /ready 503 this long (still serving) before stopping")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.add_argument(
         "--dtype",

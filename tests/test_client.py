@@ -144,15 +144,40 @@ def test_429_honours_retry_after_then_succeeds():
 
 
 def test_503_retries_exhausted_with_capped_backoff():
-    busy = error(
-        503, "unavailable", "overloaded", "busy", retry_after="Wed, 21 Oct 2015 07:28:00 GMT"
-    )  # a date: ignored
+    busy = error(503, "unavailable", "overloaded", "busy", retry_after="soon")  # not a delay or a date: backoff
     server = FakeServer(*[busy] * 10)
     rm, sleeps = client(server, max_retries=4, backoff=10.0)
     with pytest.raises(RewardServerError) as info:
         rm.rewards([("p", "abc")])
     assert info.value.status == 503 and info.value.code == "overloaded"
     assert sleeps == [10.0, 20.0, 30.0, 30.0] and len(server.requests) == 5
+
+
+def test_retry_after_as_a_date_or_out_of_range_is_bounded():
+    import email.utils
+    import time
+
+    in_20_s = email.utils.formatdate(time.time() + 20, usegmt=True)
+    for header, expected in ((in_20_s, pytest.approx(20, abs=1.5)), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+                             ("1e9", 120.0), ("inf", 120.0), ("-5", 0.0), ("2.5", 2.5), ("nan", 0.5)):  # fmt: skip
+        server = FakeServer(error(429, "rate_limit", "too_many_requests", "slow down", retry_after=header))
+        rm, sleeps = client(server, backoff=0.5)
+        assert rm.rewards([("p", "abc")])[0].reward == 3.0
+        assert sleeps == [expected], header
+
+
+def test_a_bad_url_is_not_retried():
+    server = FakeServer(httpx.UnsupportedProtocol("Request URL is missing an 'http://' or 'https://' protocol."))
+    rm, sleeps = client(server)
+    with pytest.raises(httpx.UnsupportedProtocol):
+        rm.info()
+    assert sleeps == [] and len(server.requests) == 1
+
+
+def test_preference_batches_count_sequences_as_the_server_does():
+    server = FakeServer()
+    client(server, batch_size=4)[0].preference([("q", "a", "b")] * 5)
+    assert [len(b["pairs"]) for b in server.bodies] == [2, 2, 1]
 
 
 def test_connection_errors_are_retried():
