@@ -12,15 +12,18 @@ is the best rank-K approximation in Frobenius norm (Eckart–Young); PEFT adds `
 The input embeddings and the LM head get the same treatment when they differ (a fully fine-tuned
 policy moves them): Δ_head [V, d] is a linear delta as above, and an embedding lookup adds row t of
 (B A)ᵀ, so its factors come from the SVD of Δ_embᵀ. With tied embeddings the one delta is stored on
-both modules (the base weights stay tied). :mod:`dpo.logprobs` folds a LoRA-wrapped LM head into
-one augmented linear map, so scoring still never holds full logits.
+both modules (the base weights stay tied); merging such an adapter unties them first
+(:func:`dpo.lora.load_merged_adapter`), or the shared matrix would get the delta twice.
+:mod:`dpo.logprobs` folds a LoRA-wrapped LM head into one augmented linear map, so scoring still
+never holds full logits.
 
 ``rank="auto"`` picks K per layer: the smallest K whose singular values keep a fraction ``energy`` of
 ‖Δ‖²_F (Σ_{i≤K} σ_i² ≥ energy · Σ_i σ_i², so the relative Frobenius error is at most √(1 − energy)),
 capped at the break-even rank ⌊m·n / (m + n)⌋, past which the factors would hold more numbers than Δ.
 
 Norm weights that differ are stored whole in the adapter (PEFT ``modules_to_save``, a few
-kilobytes); differing linear biases are refused (LoRA carries no bias).
+kilobytes); differing linear biases are refused (LoRA carries no bias), and so are configs that
+differ in anything the forward uses (rope, norm epsilons, ...): the adapter runs on the reference's.
 """
 
 from __future__ import annotations

@@ -48,5 +48,26 @@ def load_adapter(base, path: str, allow_pickle: bool = False):
         raise DpormError(f"cannot load adapter from {path}: {str(e).splitlines()[0]}") from None
 
 
+def untie_embeddings(model):
+    """Give the LM head its own copy of a matrix it shares with the input embeddings (``tie_word_embeddings``).
+
+    A PEFT adapter may carry a delta on each of the two modules (:mod:`dpo.delta` stores the one delta of a
+    tied matrix on both); merged into one shared matrix, it would be added twice.
+    """
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embeddings is not None and head.weight is embeddings.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+    return model
+
+
+def load_merged_adapter(base, path: str, allow_pickle: bool = False):
+    """``base`` with the adapter at ``path`` merged in: the model the unmerged adapter computes, as plain weights.
+
+    Tied embeddings are untied first, so a delta on both the embeddings and the head lands once on each.
+    """
+    return load_adapter(untie_embeddings(base), path, allow_pickle).merge_and_unload().eval()
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

@@ -238,7 +238,7 @@ def load_reward_model(
 ) -> RewardModel:
     """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
     from dpo.logprobs_command import resolve_model_path
-    from dpo.lora import load_adapter
+    from dpo.lora import load_adapter, load_merged_adapter
     from dpo.models import PAIRED, load_model, load_tokenizer, weights_hash
 
     paired = dtype == PAIRED
@@ -277,8 +277,8 @@ def load_reward_model(
         base = load_model(reference_path, **load)
         ref_hash = weights_hash(base)
         if paired:  # the paired pass needs the policy's own weights: base + adapter, merged into a second copy
-            merged = load_adapter(load_model(reference_path, **load), policy_path, allow_pickle)
-            policy_model, ref_model = merged.merge_and_unload().eval(), base
+            policy_model = load_merged_adapter(load_model(reference_path, **load), policy_path, allow_pickle)
+            ref_model = base
         else:
             policy_model = load_adapter(base, policy_path, allow_pickle)
             ref_model = "adapter"

@@ -1,0 +1,46 @@
+"""``dporm extract --delta-rank`` edge cases: tied embeddings merged for bf16-paired."""
+
+import pytest
+import torch
+
+from dpo.paired_ops import COMPILE_VARIABLE
+from dpo.scorer import load_reward_model
+
+try:
+    from tests.conftest import make_tiny_llama
+    from tests.test_extract import _save, _with_vocab_delta, extract, rewards
+except ModuleNotFoundError:  # a site-packages "tests" package (rewardbench ships one) shadows this directory
+    from conftest import make_tiny_llama
+    from test_extract import _save, _with_vocab_delta, extract, rewards
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory, smollm_tokenizer):
+    """A tied-embedding reference, a policy that moved the shared matrix, and the rank-2 delta artifact."""
+    root = tmp_path_factory.mktemp("tied")
+    tok = smollm_tokenizer
+    reference = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True)
+    policy = _with_vocab_delta(reference, 2, 7, tie_word_embeddings=True)
+    with torch.no_grad():
+        policy.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    ref_path, pol_path = _save(reference, tok, root / "ref"), _save(policy, tok, root / "pol")
+    assert extract(pol_path, ref_path, root / "delta", "--delta-rank", "2") == 0
+    return {"reference": ref_path, "policy": pol_path, "delta": str(root / "delta"), "model": policy}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-paired"])
+def test_tied_delta_artifact_scores_like_the_exact_policy(tied, dtype, monkeypatch):
+    monkeypatch.setenv(COMPILE_VARIABLE, "0")  # eager steps: the same arithmetic, no compile time
+    exact = load_reward_model(policy=tied["policy"], reference=tied["reference"], beta=0.5, device="cpu", dtype=dtype)
+    delta = load_reward_model(tied["delta"], device="cpu", dtype=dtype)
+    want = rewards(exact)
+    assert max(abs(r) for r in want) > 10  # the tied delta matters
+    assert rewards(delta) == pytest.approx(want, rel=1e-4, abs=1e-3)  # merged twice, they were ~2x
+
+
+def test_merged_tied_policy_has_the_policy_weights(tied, monkeypatch):
+    monkeypatch.setenv(COMPILE_VARIABLE, "0")
+    merged = load_reward_model(tied["delta"], device="cpu", dtype="bf16-paired").policy
+    want = tied["model"]
+    for got, expected in ((merged.model.embed_tokens, want.model.embed_tokens), (merged.lm_head, want.lm_head)):
+        assert (got.weight - expected.weight).abs().max() < 1e-3  # the delta is ~1, SVD-rounded
