@@ -41,6 +41,36 @@ from dpo.errors import DpormError
 EXACT_SVD_MAX_DIM = 4096
 
 
+# Config fields that leave an eval-mode forward unchanged: names, versions, dtypes, output switches, token ids, init.
+BOOKKEEPING_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "_attn_implementation",
+    "_attn_implementation_autoset", "attn_implementation", "_experts_implementation", "id2label", "label2id",
+    "problem_type", "finetuning_task", "tokenizer_class", "prefix", "task_specific_params", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "initializer_range",
+    "chunk_size_feed_forward", "gradient_checkpointing", "transformers.js_config",
+})  # fmt: skip
+
+
+def config_differences(policy: dict, reference: dict) -> list[str]:
+    """``key policy-value vs reference-value`` for each config field that differs and may change the forward.
+
+    Dropout rates (``*dropout``, ``*pdrop``) are inactive in eval mode and ignored, like :data:`BOOKKEEPING_KEYS`.
+    """
+    keys = sorted(k for k in set(policy) | set(reference)
+                  if k not in BOOKKEEPING_KEYS and not k.endswith(("dropout", "pdrop")))  # fmt: skip
+    return [f"{k} {policy.get(k)!r} vs {reference.get(k)!r}" for k in keys if policy.get(k) != reference.get(k)]
+
+
+def check_same_forward(policy: dict, reference: dict) -> None:
+    """One-line error when the policy's config computes differently from the reference's: the adapter runs on the
+    reference's config, so rope, norm epsilons, windows, ... of the policy would be lost."""
+    differ = config_differences(policy, reference)
+    if differ:
+        raise DpormError("--delta-rank runs the policy on the reference's config, but their configs differ: "
+                         f"{'; '.join(differ)}; extract without --delta-rank")  # fmt: skip
+
+
 @dataclass
 class DeltaReport:
     rank: int | str
@@ -185,6 +215,7 @@ def build_delta_adapter(
         raise DpormError(f"--delta-rank must be a positive integer or 'auto', got {rank!r}")
     if not 0 < energy <= 1:
         raise DpormError(f"--delta-energy must be in (0, 1], got {energy}")
+    check_same_forward(policy.config.to_dict(), reference.config.to_dict())
     linears = {**_decoder_linears(reference), **_vocabulary_modules(reference)}
     changed, norms = _classify_differences(policy, reference, linears)
     if not changed and not norms:

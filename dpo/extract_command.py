@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from dpo import __version__
+from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.manifest import NORMALIZATIONS, Manifest
 from dpo.models import load_model, load_tokenizer, weights_hash
@@ -32,22 +33,24 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def check_configs(policy: str, reference: str, trust_remote_code: bool) -> None:
-    """One-line error unless the two model configs describe the same architecture."""
+def check_configs(policy: str, reference: str, trust_remote_code: bool) -> tuple:
+    """The two model configs; a one-line error unless they describe the same architecture."""
     from transformers import AutoConfig
 
     configs = []
     for path in (policy, reference):
         try:
-            configs.append(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).to_dict())
+            configs.append(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as e:
             raise DpormError(f"cannot load the config of {path}: {str(e).splitlines()[0]}") from None
-    a, b = configs
+    a, b = (c.to_dict() for c in configs)
     # A field one config leaves out (older configs have no "architectures") is not a difference.
     differ = [f"{k} {a[k]!r} vs {b[k]!r}" for k in ARCHITECTURE_KEYS
               if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]]  # fmt: skip
     if differ:
         raise DpormError(f"policy and reference architectures differ: {'; '.join(differ)}")
+    return configs[0], configs[1]
+
 
 
 def _location(name: str) -> str:
@@ -115,7 +118,9 @@ def run_extract(args: argparse.Namespace) -> Path:
     tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
     check_tokenizers_match(tokenizer, load_tokenizer(reference_path, args.trust_remote_code), policy_path,
                            reference_path)  # fmt: skip
-    check_configs(policy_path, reference_path, args.trust_remote_code)
+    configs = check_configs(policy_path, reference_path, args.trust_remote_code)
+    if args.delta_rank:
+        check_same_forward(*(c.to_dict() for c in configs))
     pairs = _fidelity_pairs(args.fidelity_data, args.fidelity_limit) if args.fidelity_data else None
 
     load = dict(dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code,
@@ -132,9 +137,14 @@ def run_extract(args: argparse.Namespace) -> Path:
                   "policy_sha256": policy_hash, "reference_sha256": reference_hash}  # fmt: skip
     manifest = Manifest(policy=_location(policy_path), reference=_location(reference_path), beta=args.beta,
                         normalize=args.normalize, tokenization=tokenization, provenance=provenance)  # fmt: skip
-    if not args.copy and not args.delta_rank and _has_pickle_only(policy_path):
-        _say("warning: the policy has pickle weights only; scoring it needs --allow-pickle (--copy stores "
-             "safetensors)")  # fmt: skip
+    # The artifact loads the reference from where it is, and the policy too unless --copy or --delta-rank stores it.
+    stored = args.copy or args.delta_rank
+    pickled = [name for name, path in (("policy", policy_path), ("reference", reference_path))
+               if _has_pickle_only(path) and not (name == "policy" and stored)]  # fmt: skip
+    if pickled:
+        hint = " (--copy stores the policy as safetensors)" if "policy" in pickled else ""
+        _say(f"warning: the {' and the '.join(pickled)} {'have' if len(pickled) > 1 else 'has'} pickle weights only; "
+             f"scoring the artifact needs --allow-pickle{hint}")  # fmt: skip
     # Built in a sibling staging directory and renamed at the end: a failure leaves no half artifact.
     staging = output.parent / f".{output.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -192,7 +202,8 @@ def _extract_delta(args, manifest: Manifest, tokenizer, policy, reference, outpu
     settings = manifest.tokenization
     exact = RewardModel(policy, load_reference(), tokenizer, manifest.beta, manifest.normalize, settings["max_length"],
                         ref_cache_size=2 * len(pairs))  # fmt: skip
-    approx = load_reward_model(str(output), device=args.device, trust_remote_code=args.trust_remote_code)
+    approx = load_reward_model(str(output), device=args.device, trust_remote_code=args.trust_remote_code,
+                               allow_pickle=args.allow_pickle)  # fmt: skip
     if approx.info["reference_sha256"] == manifest.provenance["reference_sha256"]:
         approx.ref_cache = exact.ref_cache  # the same reference weights: compute its log-probs once
     result = reward_fidelity(exact, approx, pairs, args.batch_size)

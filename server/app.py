@@ -29,7 +29,7 @@ from dpo.errors import DpormError, EncodingError
 from dpo.scorer import RewardModel, RewardResult
 from server import schemas as s
 from server.admission import Admission
-from server.batcher import Batcher, Job, QueueFull, TooLarge
+from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
 INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/rerank")
@@ -232,6 +232,8 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(state.limits.retry_after)}) from None
         except TooLarge as e:
             raise ApiError(413, str(e), "request_too_large") from None
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), "unavailable", {"Retry-After": "5"}) from None
         results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
         if model.has_reference and not options.reference_free and model.ref_cache.capacity:  # a lookup happened
             for r in results:

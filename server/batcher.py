@@ -25,6 +25,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    """The worker has stopped: nothing more is scored here (503)."""
+
+
 class TooLarge(Exception):
     """A job bigger than the whole queue: it can never be admitted (413, not 429)."""
 
@@ -71,7 +75,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if job.tokens > self.max_queue_tokens:
                 raise TooLarge(f"{job.tokens} tokens; the queue holds at most {self.max_queue_tokens}")
             if len(self._queue) >= self.max_queue_requests or self._queued_tokens + job.tokens > self.max_queue_tokens:

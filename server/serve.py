@@ -25,7 +25,9 @@ class DrainingServer(uvicorn.Server):
         first = not self.state.draining
         self.state.draining = True  # load balancers see /ready 503 and stop sending
         if first and self.drain_seconds > 0:
-            threading.Timer(self.drain_seconds, self._exit, (sig, frame)).start()
+            timer = threading.Timer(self.drain_seconds, self._exit, (sig, frame))
+            timer.daemon = True  # a second signal exits at once, without waiting for the timer
+            timer.start()
         else:
             self._exit(sig, frame)
 

@@ -1,17 +1,20 @@
-"""``dporm extract --delta-rank`` edge cases: tied embeddings merged for bf16-paired."""
+"""``dporm extract --delta-rank`` edge cases: tied embeddings merged for bf16-paired, configs that change the
+forward, pickle references."""
 
 import pytest
 import torch
 
+from dpo.cli import main
+from dpo.manifest import Manifest
 from dpo.paired_ops import COMPILE_VARIABLE
 from dpo.scorer import load_reward_model
 
 try:
     from tests.conftest import make_tiny_llama
-    from tests.test_extract import _save, _with_vocab_delta, extract, rewards
+    from tests.test_extract import PREFS, _save, _with_vocab_delta, extract, one_line_error, rewards
 except ModuleNotFoundError:  # a site-packages "tests" package (rewardbench ships one) shadows this directory
     from conftest import make_tiny_llama
-    from test_extract import _save, _with_vocab_delta, extract, rewards
+    from test_extract import PREFS, _save, _with_vocab_delta, extract, one_line_error, rewards
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +47,40 @@ def test_merged_tied_policy_has_the_policy_weights(tied, monkeypatch):
     want = tied["model"]
     for got, expected in ((merged.model.embed_tokens, want.model.embed_tokens), (merged.lm_head, want.lm_head)):
         assert (got.weight - expected.weight).abs().max() < 1e-3  # the delta is ~1, SVD-rounded
+
+
+def test_delta_refuses_configs_that_change_the_forward(smollm_tokenizer, tmp_path, capsys):
+    tok = smollm_tokenizer
+    reference = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
+    policy = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, rope_theta=500000.0, rms_norm_eps=1e-2)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        policy.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    ref_path, pol_path = _save(reference, tok, tmp_path / "ref"), _save(policy, tok, tmp_path / "pol")
+    assert extract(pol_path, ref_path, tmp_path / "x", "--delta-rank", "32") == 1
+    one_line_error(capsys, "configs differ", "rms_norm_eps 0.01 vs 1e-06", "rope_parameters", "without --delta-rank")
+    assert not (tmp_path / "x").exists()
+    assert extract(pol_path, ref_path, tmp_path / "exact") == 0  # each model runs on its own config: fine
+
+
+def test_delta_ignores_bookkeeping_config_fields(smollm_tokenizer, tmp_path):
+    tok = smollm_tokenizer
+    reference = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
+    policy = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, use_cache=False, attention_dropout=0.1)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        policy.model.layers[0].mlp.down_proj.weight.add_(0.01)
+    ref_path, pol_path = _save(reference, tok, tmp_path / "ref"), _save(policy, tok, tmp_path / "pol")
+    assert extract(pol_path, ref_path, tmp_path / "d", "--delta-rank", "2") == 0
+
+
+def test_delta_fidelity_with_a_pickle_reference(smollm_tokenizer, tmp_path, capsys):
+    tok = smollm_tokenizer
+    reference = make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
+    ref_path = _save(reference, tok, tmp_path / "ref", safe=False)
+    pol_path = _save(_with_vocab_delta(reference, 2, 7), tok, tmp_path / "pol")
+    assert extract(pol_path, ref_path, tmp_path / "d", "--delta-rank", "2", "--allow-pickle", "--fidelity-data",
+                   str(PREFS), "--fidelity-limit", "2") == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "the reference has pickle weights only" in err and "--allow-pickle" in err
+    assert Manifest.load(tmp_path / "d").metrics["fidelity"]["pairs"] == 2

@@ -189,3 +189,11 @@ def test_errors_before_routing_are_counted_under_their_endpoint_and_keep_their_h
         metrics = c.get("/metrics").text
     for code in ("401", "413", "405", "422"):
         assert f'dporm_requests_total{{code="{code}",endpoint="/v1/rewards"}} 1.0' in metrics
+
+
+def test_work_arriving_after_the_worker_stopped_is_503(reward_model):
+    with make_client(reward_model) as c:
+        c.app.state.dporm.batcher.stop()
+        response = c.post("/v1/rewards", json=item(0))
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert "shutting down" in response.json()["error"]["message"]
