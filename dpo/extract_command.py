@@ -52,7 +52,6 @@ def check_configs(policy: str, reference: str, trust_remote_code: bool) -> tuple
     return configs[0], configs[1]
 
 
-
 def _location(name: str) -> str:
     """An existing local path made absolute (the artifact may move); a hub id as given."""
     path = Path(name).expanduser()

@@ -4,7 +4,6 @@ forward, pickle references."""
 import pytest
 import torch
 
-from dpo.cli import main
 from dpo.manifest import Manifest
 from dpo.paired_ops import COMPILE_VARIABLE
 from dpo.scorer import load_reward_model
