@@ -21,7 +21,7 @@ from dpo import __version__
 from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.manifest import NORMALIZATIONS, Manifest
-from dpo.models import load_model, load_tokenizer, weights_hash
+from dpo.models import context_length, load_model, load_tokenizer, weights_hash
 
 # Config fields that fix the shapes and the computation of a decoder: they must agree between the two.
 ARCHITECTURE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
@@ -50,6 +50,21 @@ def check_configs(policy: str, reference: str, trust_remote_code: bool) -> tuple
     if differ:
         raise DpormError(f"policy and reference architectures differ: {'; '.join(differ)}")
     return configs[0], configs[1]
+
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+def resolve_max_length(max_length: int | None, configs) -> int:
+    """``--max-length``, or the default capped at the models' context; a length past that context is an error."""
+    contexts = [n for n in (context_length(c) for c in configs) if n is not None]
+    context = min(contexts, default=None)
+    if max_length is None:
+        return DEFAULT_MAX_LENGTH if context is None else min(DEFAULT_MAX_LENGTH, context)
+    if context is not None and max_length > context:
+        raise DpormError(f"--max-length {max_length} exceeds the models' context of {context} positions "
+                         f"(max_position_embeddings): give at most {context}, or leave it out")  # fmt: skip
+    return max_length
 
 
 def _location(name: str) -> str:
@@ -118,6 +133,7 @@ def run_extract(args: argparse.Namespace) -> Path:
     check_tokenizers_match(tokenizer, load_tokenizer(reference_path, args.trust_remote_code), policy_path,
                            reference_path)  # fmt: skip
     configs = check_configs(policy_path, reference_path, args.trust_remote_code)
+    args.max_length = resolve_max_length(args.max_length, configs)
     if args.delta_rank:
         check_same_forward(*(c.to_dict() for c in configs))
     pairs = _fidelity_pairs(args.fidelity_data, args.fidelity_limit) if args.fidelity_data else None
@@ -222,7 +238,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="artifact directory to create")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="sum",
                    help="default reward over response tokens: sum or mean (default sum)")  # fmt: skip
-    p.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
+    p.add_argument("--max-length", type=int, help=f"max prompt+response tokens (default {DEFAULT_MAX_LENGTH}, or the "
+                   "models' max_position_embeddings when smaller; more than that is an error)")  # fmt: skip
     p.add_argument("--copy", action="store_true", help="copy the policy into the artifact as safetensors")
     p.add_argument(
         "--delta-rank",

@@ -103,6 +103,19 @@ def load_model(
     return model.to(resolve_device(device)).eval()
 
 
+# Config fields that hold the number of positions a model attends over (GPT-2's names map onto the first).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config) -> int | None:
+    """The positions a model's ``config`` allows (``max_position_embeddings`` or its GPT-2 style names), or None."""
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def weights_hash(model) -> str:
     """sha256 over parameter and buffer names, dtypes, shapes and bytes: identifies a model's weights."""
     import hashlib

@@ -70,7 +70,9 @@ class RewardModel:
     """A policy and its reference (or none), with the β and tokenization settings they were trained with.
 
     ``reference`` is a model, ``"adapter"`` (the policy is a PEFT model whose disabled adapter is the
-    reference: one copy of the base weights) or ``None`` (reference-free).
+    reference: one copy of the base weights) or ``None`` (reference-free). ``max_length`` is the
+    effective limit on prompt+response tokens: the one given, at most the models' context (the
+    smaller ``max_position_embeddings`` of the two), and that context when none is given.
     """
 
     def __init__(
@@ -91,6 +93,9 @@ class RewardModel:
             raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.beta, self.normalize, self.name = beta, normalize, name
+        self.context_length = models_context_length(policy, reference)
+        if self.context_length is not None and (max_length is None or max_length > self.context_length):
+            max_length = self.context_length  # past the context, learned positions fail and rotary ones extrapolate
         self.max_length, self.allow_response_truncation = max_length, allow_response_truncation
         self.ref_cache = ReferenceCache(ref_cache_size)
         self.info = info or {}
@@ -200,6 +205,14 @@ class RewardModel:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], **options) -> list[RewardResult]:
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
         return self.score_encoded(seqs, **options)
+
+
+def models_context_length(*models) -> int | None:
+    """The smallest context (``max_position_embeddings``) among ``models`` (non-models skipped), or None."""
+    from dpo.models import context_length
+
+    found = [context_length(getattr(m, "config", None)) for m in models if isinstance(m, torch.nn.Module)]
+    return min((n for n in found if n is not None), default=None)
 
 
 def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:

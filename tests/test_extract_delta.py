@@ -1,9 +1,10 @@
 """``dporm extract --delta-rank`` edge cases: tied embeddings merged for bf16-paired, configs that change the
-forward, pickle references."""
+forward, pickle references, and ``--max-length`` against the models' context."""
 
 import pytest
 import torch
 
+from dpo.cli import main
 from dpo.manifest import Manifest
 from dpo.paired_ops import COMPILE_VARIABLE
 from dpo.scorer import load_reward_model
@@ -83,3 +84,16 @@ def test_delta_fidelity_with_a_pickle_reference(smollm_tokenizer, tmp_path, caps
     err = capsys.readouterr().err
     assert "the reference has pickle weights only" in err and "--allow-pickle" in err
     assert Manifest.load(tmp_path / "d").metrics["fidelity"]["pairs"] == 2
+
+
+def test_max_length_defaults_to_the_context_and_is_checked(smollm_tokenizer, tmp_path, capsys):
+    tok = smollm_tokenizer
+    short = _save(make_tiny_llama(seed=4, vocab_size=len(tok), max_position_embeddings=64), tok, tmp_path / "p")
+    ref = _save(make_tiny_llama(vocab_size=len(tok), max_position_embeddings=64), tok, tmp_path / "r")
+    argv = ["extract", "--policy", short, "--reference", ref, "--beta", "0.5", "--device", "cpu", "--output"]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert Manifest.load(tmp_path / "a").tokenization["max_length"] == 64  # not the default 2048
+    assert main([*argv, str(tmp_path / "b"), "--max-length", "65"]) == 1
+    one_line_error(capsys, "--max-length 65 exceeds the models' context of 64 positions")
+    assert main([*argv, str(tmp_path / "c"), "--max-length", "32"]) == 0
+    assert Manifest.load(tmp_path / "c").tokenization["max_length"] == 32
