@@ -152,7 +152,8 @@ class RewardModel:
             else:
                 out = sequence_logprobs(self.reference, todo)
             for j, i in enumerate(missing):
-                cached[i] = out.per_token(j).cpu()
+                # A copy: the row is a view of the whole batch's log-prob matrix, which a cache entry would keep alive.
+                cached[i] = out.per_token(j).cpu().clone()
                 self.ref_cache.put(seqs[i], cached[i])
         hits = [i not in set(missing) for i in range(len(seqs))]
         return cached, hits
@@ -174,7 +175,7 @@ class RewardModel:
         use_ref = self.has_reference and not reference_free
         if self.paired is not None:  # both models in one pass; the reference cache would save nothing
             policy, both = self.paired.logprobs(seqs)
-            ref = [both.per_token(i) for i in range(len(seqs))] if use_ref else None
+            ref = [both.per_token(i).cpu() for i in range(len(seqs))] if use_ref else None
             hits = [False] * len(seqs)
         else:
             policy = sequence_logprobs(self.policy, seqs)

@@ -7,7 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo.cli import main
+from dpo.encoding import Encoded
 from dpo.errors import ResponseTooLongError
+from dpo.logprobs import sequence_logprobs
 from dpo.lora import apply_lora
 from dpo.scorer import RewardModel, load_reward_model
 
@@ -72,3 +74,53 @@ def test_max_length_is_at_most_the_smaller_context():
     assert RewardModel(policy, None, None, 0.5).max_length == 128  # reference-free
     adapter = apply_lora(make_tiny_llama(max_position_embeddings=80), r=2)
     assert RewardModel(adapter, "adapter", None, 0.5).max_length == 80
+
+
+SEQS = [Encoded((1, 2, 3), (4, 5)), Encoded((1, 2, 3), tuple(range(3, 60))), Encoded((7,), (8, 9, 10))]
+
+
+def test_reference_cache_entries_own_their_storage():
+    """A cached row is a copy, not a view keeping the batch's whole [rows, tokens] log-prob matrix alive."""
+    model = RewardModel(make_tiny_llama(seed=1), make_tiny_llama(), None, 0.5)
+    model.score_encoded(SEQS)
+    entries = list(model.ref_cache._items.values())
+    assert len(entries) == 3
+    for entry in entries:
+        assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
+
+
+class _OnDevice:
+    """A per-token row left on an accelerator: nothing but ``.cpu()`` works on it (device-agnostic stand-in)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def cpu(self) -> torch.Tensor:
+        return self.tensor.clone()
+
+
+class _DeviceLogprobs:
+    def __init__(self, out):
+        self.out = out
+
+    def per_token(self, i: int) -> _OnDevice:
+        return _OnDevice(self.out.per_token(i))
+
+
+class _FakePaired:
+    """What :class:`dpo.paired.PairedModel` returns on CUDA: both models' log-probs on the device."""
+
+    def __init__(self, policy, reference):
+        self.policy, self.reference = policy, reference
+
+    def logprobs(self, seqs):
+        pol, ref = (sequence_logprobs(m, seqs) for m in (self.policy, self.reference))
+        return _DeviceLogprobs(pol), _DeviceLogprobs(ref)
+
+
+def test_paired_results_come_to_the_cpu_on_both_sides():
+    policy, reference = make_tiny_llama(seed=1), make_tiny_llama()
+    want = [r.reward for r in RewardModel(policy, reference, None, 0.5).score_encoded(SEQS)]
+    model = RewardModel(policy, reference, None, 0.5)
+    model.paired = _FakePaired(policy, reference)
+    assert [r.reward for r in model.score_encoded(SEQS)] == pytest.approx(want, abs=1e-6)
