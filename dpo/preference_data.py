@@ -235,6 +235,9 @@ def load_rows(source: str, split: str = "train"):
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict) and split not in loaded:
+                raise DpormError(f"{source}: no split {split!r}; it has {', '.join(map(repr, loaded))} (choose with "
+                                 "--split)")  # fmt: skip
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         suffixes = [s for s in path.suffixes if s != ".gz"]
         if path.is_file():

@@ -121,6 +121,15 @@ def test_missing_sources_are_clear_errors(tmp_path):
         load_preferences(str(bad))
 
 
+def test_a_missing_split_of_a_saved_dataset_dict_names_the_splits(tmp_path):
+    rows = [{"prompt": "Q", "chosen": "yes", "rejected": "no"}]
+    splits = {"test": datasets.Dataset.from_list(rows), "dev": datasets.Dataset.from_list(rows)}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DpormError, match="no split 'train'; it has 'test', 'dev' \\(choose with --split\\)"):
+        load_preferences(str(tmp_path / "dd"))
+    assert len(load_preferences(str(tmp_path / "dd"), split="dev").examples) == 1
+
+
 def test_fingerprint_tracks_content():
     a = parse_rows([{"prompt": "Q", "chosen": "a", "rejected": "b"}])
     b = parse_rows([{"prompt": "Q", "chosen": "a", "rejected": "c"}])
