@@ -10,7 +10,9 @@ or hub ids; ``adapter`` marks a policy stored as a PEFT adapter over the referen
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +47,21 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beta, (int, float)) or self.beta <= 0:
-            raise DpormError(f"beta must be a positive number, got {self.beta!r}")
+        if not isinstance(self.policy, str) or not self.policy:
+            raise DpormError(f"policy must be a model location (a non-empty string), got {self.policy!r}")
+        if self.reference is not None and (not isinstance(self.reference, str) or not self.reference):
+            raise DpormError(f"reference must be a model location or null, got {self.reference!r}")
+        if not is_positive_number(self.beta):
+            raise DpormError(f"beta must be a positive finite number, got {self.beta!r}")
+        for name in ("tokenization", "metrics", "provenance"):
+            if not isinstance(getattr(self, name), dict):
+                raise DpormError(f"{name} must be an object, got {getattr(self, name)!r}")
+        for name in ("loss", "data_fingerprint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise DpormError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        if not isinstance(self.adapter, bool):
+            raise DpormError(f"adapter must be true or false, got {self.adapter!r}")
+        _check_tokenization(self.tokenization)
         if self.normalize not in NORMALIZATIONS:
             raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if self.adapter and self.reference is None:
@@ -72,8 +87,10 @@ class Manifest:
             raise DpormError(f"{directory}: not a dporm artifact (no {FILENAME})")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DpormError(f"{path}: invalid JSON: {e.msg}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DpormError(f"{path}: invalid JSON: {getattr(e, 'msg', None) or e.reason}") from None
+        if not isinstance(raw, dict):
+            raise DpormError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise DpormError(f"{path}: format_version {version!r} is not supported (this dporm reads {FORMAT_VERSION})")
@@ -84,10 +101,39 @@ class Manifest:
             return cls(**raw)
         except TypeError as e:
             raise DpormError(f"{path}: {e}") from None
+        except DpormError as e:
+            raise DpormError(f"{path}: {e}") from None
 
     def resolve(self, directory: str | os.PathLike, name: str | None) -> str | None:
-        """A model location as given, made absolute when it is a path inside the artifact directory."""
+        """A model location: a path inside the artifact directory or an absolute path (made absolute), or a hub id.
+
+        A relative path resolves against the artifact directory only, never the working directory: a
+        missing ``policy`` is an error, not ``./policy``. An ``org/name`` that is not a path inside the
+        artifact stays a hub id.
+        """
         if name is None:
             return None
-        local = Path(directory) / name
-        return str(local.resolve()) if local.exists() else name
+        local = Path(directory) / Path(name).expanduser()
+        if local.exists() or not HUB_ID.fullmatch(name):
+            return str(local.resolve())
+        return name
+
+
+# The hub's "org/name" repository ids (a local path that looks like one is tried inside the artifact first).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_positive_number(value: object) -> bool:
+    """A real β: an int or float (not a bool), finite and above 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_tokenization(settings: dict) -> None:
+    length = settings.get("max_length")
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 2):
+        raise DpormError(f"tokenization.max_length must be an integer of at least 2 or null, got {length!r}")
+    template = settings.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise DpormError(f"tokenization.chat_template must be a string or null, got {template!r}")
+    if not isinstance(settings.get("allow_response_truncation", False), bool):
+        raise DpormError("tokenization.allow_response_truncation must be true or false")
