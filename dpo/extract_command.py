@@ -20,7 +20,7 @@ from pathlib import Path
 from dpo import __version__
 from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
-from dpo.manifest import NORMALIZATIONS, Manifest
+from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
 from dpo.models import context_length, load_model, load_tokenizer, weights_hash
 
 # Config fields that fix the shapes and the computation of a decoder: they must agree between the two.
@@ -101,8 +101,8 @@ def _rank(value: str) -> int | str:
 
 
 def _check_options(args: argparse.Namespace, output: Path) -> None:
-    if args.beta <= 0:
-        raise DpormError(f"--beta must be positive, got {args.beta}")
+    if not is_positive_number(args.beta):
+        raise DpormError(f"--beta must be a positive finite number, got {args.beta}")
     require_at_least(args, ("fidelity_limit", "batch_size"))
     require_writable(output, parents=True, directory=True)
     require_at_least(args, ("max_length",), 2)  # one prompt token and one response token

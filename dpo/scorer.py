@@ -22,7 +22,7 @@ import torch
 from dpo.encoding import Encoded, Prompt, encode
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
-from dpo.manifest import NORMALIZATIONS, Manifest
+from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
 
 
 @dataclass
@@ -269,8 +269,8 @@ def load_reward_model(
             raise DpormError(
                 "give an artifact directory, or --policy and --beta (and --reference unless reference-free)"
             )
-        if beta <= 0:
-            raise DpormError(f"--beta must be positive, got {beta:g}")
+        if not is_positive_number(beta):
+            raise DpormError(f"--beta must be a positive finite number, got {beta:g}")
         policy_path = resolve_model_path(policy, None)
         reference_path = resolve_model_path(reference, None) if reference else None
         manifest, beta_value, adapter = None, beta, False

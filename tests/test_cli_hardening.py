@@ -113,3 +113,18 @@ def test_eval_checks_precision_and_device_names_before_loading(tmp_path, capsys)
     argv = ["eval", "rewardbench", "--policy", missing, "--beta", "0.1", "--data", str(RB), "--output", str(tmp_path)]
     assert main([*argv, "--dtype", "bogus"]) == 1
     assert "unknown dtype 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("beta", ["nan", "inf", "-inf", "0"])
+@pytest.mark.parametrize("command", ["score", "extract", "train", "eval"])
+def test_a_non_finite_or_non_positive_beta_is_one_line(tmp_path, capsys, command, beta):
+    argv = {
+        "score": ["score", "--policy", "org/unused", "--data", str(PREFS)],
+        "extract": ["extract", "--policy", "org/unused", "--reference", "org/unused", "--output", str(tmp_path / "o")],
+        "train": ["train", "--model", str(tmp_path / "unused"), "--data", str(PREFS), "--output", str(tmp_path / "o")],
+        "eval": ["eval", "rewardbench", "--policy", "org/unused", "--data", str(RB), "--output", str(tmp_path / "o")],
+    }[command]
+    assert main([*argv, f"--beta={beta}"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dporm:")]
+    assert "Traceback" not in err and len(lines) == 1 and "--beta" in lines[0] and "positive" in lines[0], err
