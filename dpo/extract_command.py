@@ -20,8 +20,9 @@ from pathlib import Path
 from dpo import __version__
 from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
+from dpo.lora import is_adapter_dir, load_merged_adapter
 from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
-from dpo.models import context_length, load_model, load_tokenizer, weights_hash
+from dpo.models import context_length, has_tokenizer, load_model, load_tokenizer, weights_hash
 
 # Config fields that fix the shapes and the computation of a decoder: they must agree between the two.
 ARCHITECTURE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
@@ -129,10 +130,13 @@ def run_extract(args: argparse.Namespace) -> Path:
     _check_options(args, output)
     policy_path = resolve_model_path(args.policy, args.cache_dir)
     reference_path = resolve_model_path(args.reference, args.cache_dir)
-    tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
-    check_tokenizers_match(tokenizer, load_tokenizer(reference_path, args.trust_remote_code), policy_path,
-                           reference_path)  # fmt: skip
-    configs = check_configs(policy_path, reference_path, args.trust_remote_code)
+    adapter = is_adapter_dir(policy_path)  # a PEFT adapter over the reference: it runs on the reference's config
+    reference_tokenizer = load_tokenizer(reference_path, args.trust_remote_code)
+    tokenizer = reference_tokenizer
+    if not adapter or has_tokenizer(policy_path):
+        tokenizer = load_tokenizer(policy_path, args.trust_remote_code)
+        check_tokenizers_match(tokenizer, reference_tokenizer, policy_path, reference_path)
+    configs = check_configs(reference_path if adapter else policy_path, reference_path, args.trust_remote_code)
     args.max_length = resolve_max_length(args.max_length, configs)
     if args.delta_rank:
         check_same_forward(*(c.to_dict() for c in configs))
@@ -140,7 +144,11 @@ def run_extract(args: argparse.Namespace) -> Path:
 
     load = dict(dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code,
                 allow_pickle=args.allow_pickle)  # fmt: skip
-    policy, reference = load_model(policy_path, **load), load_model(reference_path, **load)
+    if adapter:  # the policy's own weights, for the hashes, --copy, the delta and the fidelity reference
+        policy = load_merged_adapter(load_model(reference_path, **load), policy_path, args.allow_pickle)
+    else:
+        policy = load_model(policy_path, **load)
+    reference = load_model(reference_path, **load)
     policy_hash, reference_hash = weights_hash(policy), weights_hash(reference)
     if policy_hash == reference_hash:
         _say(f"warning: policy and reference weights are identical (sha256 {policy_hash[:12]}): the reward is 0 "
@@ -151,7 +159,8 @@ def run_extract(args: argparse.Namespace) -> Path:
                   "command": shlex.join(sys.argv), "source_policy": args.policy, "source_reference": args.reference,
                   "policy_sha256": policy_hash, "reference_sha256": reference_hash}  # fmt: skip
     manifest = Manifest(policy=_location(policy_path), reference=_location(reference_path), beta=args.beta,
-                        normalize=args.normalize, tokenization=tokenization, provenance=provenance)  # fmt: skip
+                        normalize=args.normalize, tokenization=tokenization, provenance=provenance,
+                        adapter=adapter)  # fmt: skip
     # The artifact loads the reference from where it is, and the policy too unless --copy or --delta-rank stores it.
     stored = args.copy or args.delta_rank
     pickled = [name for name, path in (("policy", policy_path), ("reference", reference_path))
@@ -181,7 +190,7 @@ def _write(args, manifest: Manifest, tokenizer, policy, reference, output: Path,
     if args.copy:
         policy.save_pretrained(output / "policy", safe_serialization=True)
         tokenizer.save_pretrained(output / "policy")
-        manifest.policy = "policy"
+        manifest.policy, manifest.adapter = "policy", False  # an adapter policy is stored merged
     if args.delta_rank:
         _extract_delta(args, manifest, tokenizer, policy, reference, output, pairs, load_reference)
 

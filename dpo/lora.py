@@ -69,5 +69,13 @@ def load_merged_adapter(base, path: str, allow_pickle: bool = False):
     return load_adapter(untie_embeddings(base), path, allow_pickle).merge_and_unload().eval()
 
 
+def is_adapter_dir(path: str) -> bool:
+    """A local PEFT adapter directory (``adapter_config.json``, no ``config.json`` of a full model)."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

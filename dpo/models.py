@@ -65,10 +65,16 @@ def _check_local(path: str) -> None:
         raise DpormError(f"{path}: no such model directory")
 
 
+def has_tokenizer(path: str) -> bool:
+    """A local directory with a saved tokenizer (a model's, or a PEFT adapter's own copy)."""
+    return (Path(path).expanduser() / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _check_local(path)
+    if not has_tokenizer(path):  # an adapter directory holds a tokenizer and no config.json
+        _check_local(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

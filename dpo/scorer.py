@@ -252,8 +252,8 @@ def load_reward_model(
 ) -> RewardModel:
     """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
     from dpo.logprobs_command import resolve_model_path
-    from dpo.lora import load_adapter, load_merged_adapter
-    from dpo.models import PAIRED, load_model, load_tokenizer, weights_hash
+    from dpo.lora import is_adapter_dir, load_adapter, load_merged_adapter
+    from dpo.models import PAIRED, has_tokenizer, load_model, load_tokenizer, weights_hash
 
     paired = dtype == PAIRED
     if artifact:
@@ -273,7 +273,9 @@ def load_reward_model(
             raise DpormError(f"--beta must be a positive finite number, got {beta:g}")
         policy_path = resolve_model_path(policy, None)
         reference_path = resolve_model_path(reference, None) if reference else None
-        manifest, beta_value, adapter = None, beta, False
+        manifest, beta_value, adapter = None, beta, is_adapter_dir(policy_path)
+        if adapter and not reference_path:
+            raise DpormError(f"{policy_path} is a PEFT adapter: give the model it adapts as --reference")
         tokenization, name = {}, Path(policy_path).name
     if paired and not reference_path:
         raise DpormError(f"--dtype {PAIRED} needs a reference model (this one is reference-free)")
@@ -288,6 +290,8 @@ def load_reward_model(
     if template is not None and getattr(tokenizer, "chat_template", None) != template:
         raise DpormError(f"{policy_path}: its chat template is not the one recorded in dporm.json")
     if adapter:
+        if manifest is None and has_tokenizer(policy_path):
+            _check_tokenizers(policy_path, reference_path, trust_remote_code)
         base = load_model(reference_path, **load)
         ref_hash = weights_hash(base)
         if paired:  # the paired pass needs the policy's own weights: base + adapter, merged into a second copy

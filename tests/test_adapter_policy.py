@@ -1,0 +1,78 @@
+"""A PEFT adapter directory as ``--policy`` (with its base as ``--reference``) for score and extract."""
+
+import pytest
+import torch
+
+from dpo.errors import DpormError
+from dpo.manifest import Manifest
+from dpo.scorer import load_reward_model
+
+try:
+    from tests.conftest import make_tiny_llama
+    from tests.test_extract import _save, extract, one_line_error, rewards
+except ModuleNotFoundError:  # a site-packages "tests" package (rewardbench ships one) shadows this directory
+    from conftest import make_tiny_llama
+    from test_extract import _save, extract, one_line_error, rewards
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, smollm_tokenizer):
+    """A reference, a trained-looking rank-2 LoRA adapter over it, and the same policy merged into full weights."""
+    from dpo.lora import apply_lora
+
+    root = tmp_path_factory.mktemp("adapter-policy")
+    tok = smollm_tokenizer
+    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)  # noqa: E731
+    peft = apply_lora(base(), r=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    peft.save_pretrained(root / "adapter")
+    tok.save_pretrained(root / "adapter")
+    merged = peft.merge_and_unload()
+    return {
+        "adapter": str(root / "adapter"),
+        "reference": _save(base(), tok, root / "reference"),
+        "merged": _save(merged, tok, root / "merged"),
+    }
+
+
+def _exact(adapter) -> list[float]:
+    return rewards(load_reward_model(policy=adapter["merged"], reference=adapter["reference"], beta=0.5, device="cpu"))
+
+
+def test_score_an_adapter_policy_over_its_reference(adapter):
+    model = load_reward_model(policy=adapter["adapter"], reference=adapter["reference"], beta=0.5, device="cpu")
+    assert model.reference == "adapter"
+    want = _exact(adapter)
+    assert max(abs(r) for r in want) > 1e-2
+    assert rewards(model) == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_an_adapter_policy_needs_its_reference(adapter):
+    with pytest.raises(DpormError, match="is a PEFT adapter: give the model it adapts as --reference"):
+        load_reward_model(policy=adapter["adapter"], beta=0.5, device="cpu")
+
+
+@pytest.mark.parametrize("extra, stored_adapter", [((), True), (("--copy",), False), (("--delta-rank", "2"), True)])
+def test_extract_an_adapter_policy(adapter, tmp_path, extra, stored_adapter):
+    assert extract(adapter["adapter"], adapter["reference"], tmp_path / "a", *extra) == 0
+    m = Manifest.load(tmp_path / "a")
+    assert m.adapter == stored_adapter
+    assert m.policy == ("policy" if extra else adapter["adapter"])
+    got = rewards(load_reward_model(str(tmp_path / "a"), device="cpu"))
+    assert got == pytest.approx(_exact(adapter), rel=1e-5, abs=1e-4)
+
+
+def test_extract_refuses_an_adapter_whose_tokenizer_differs(adapter, tmp_path, capsys, smollm_tokenizer):
+    import shutil
+
+    other = tmp_path / "adapter"
+    shutil.copytree(adapter["adapter"], other)
+    tok = smollm_tokenizer.__class__.from_pretrained(adapter["adapter"])
+    tok.chat_template = "{{ messages }}"
+    tok.save_pretrained(other)
+    assert extract(str(other), adapter["reference"], tmp_path / "x") == 1
+    one_line_error(capsys, "chat templates differ")
