@@ -49,6 +49,7 @@ BOOKKEEPING_KEYS = frozenset({
     "problem_type", "finetuning_task", "tokenizer_class", "prefix", "task_specific_params", "bos_token_id",
     "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "initializer_range",
     "chunk_size_feed_forward", "gradient_checkpointing", "transformers.js_config",
+    "tie_word_embeddings",  # the weights themselves are compared (a merged adapter policy is untied)
 })  # fmt: skip
 
 

@@ -76,3 +76,23 @@ def test_extract_refuses_an_adapter_whose_tokenizer_differs(adapter, tmp_path, c
     tok.save_pretrained(other)
     assert extract(str(other), adapter["reference"], tmp_path / "x") == 1
     one_line_error(capsys, "chat templates differ")
+
+
+def test_delta_of_an_adapter_policy_over_tied_embeddings(tmp_path, smollm_tokenizer):
+    """The merged policy is untied (its head has its own copy), the reference tied: still one architecture."""
+    from dpo.lora import apply_lora
+
+    tok = smollm_tokenizer
+    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True)  # noqa: E731
+    peft = apply_lora(base(), r=2, targets="q_proj,lm_head")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    peft.save_pretrained(tmp_path / "adapter")
+    ref = _save(base(), tok, tmp_path / "reference")
+    assert extract(str(tmp_path / "adapter"), ref, tmp_path / "d", "--delta-rank", "2") == 0
+    exact = load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, device="cpu")
+    want = rewards(exact)
+    assert max(abs(r) for r in want) > 1e-2
+    assert rewards(load_reward_model(str(tmp_path / "d"), device="cpu")) == pytest.approx(want, rel=1e-5, abs=1e-4)
