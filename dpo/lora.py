@@ -55,6 +55,8 @@ def untie_embeddings(model):
     tied matrix on both); merged into one shared matrix, it would be added twice.
     """
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    # Under an injected adapter the modules are wrappers: the shared matrix is their base layers'.
+    head, embeddings = getattr(head, "base_layer", head), getattr(embeddings, "base_layer", embeddings)
     if head is not None and embeddings is not None and head.weight is embeddings.weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
         model.config.tie_word_embeddings = False

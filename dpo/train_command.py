@@ -219,10 +219,10 @@ def run_train(given: dict) -> Path:
 
 def _save_policy(model, tokenizer, directory: Path, keep_adapter: bool) -> bool:
     """The policy as a PEFT adapter over the reference, or as a full safetensors checkpoint."""
-    from dpo.lora import is_peft_model
+    from dpo.lora import is_peft_model, untie_embeddings
 
-    if is_peft_model(model) and not keep_adapter:
-        model = model.merge_and_unload()
+    if is_peft_model(model) and not keep_adapter:  # untied first: a LoRA on a tied head must not merge into both
+        model = untie_embeddings(model).merge_and_unload()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

@@ -289,3 +289,22 @@ def test_a_flag_overrides_the_config_files_alternative_to_it(tmp_path):
     assert c.eval_size == 2 and c.max_steps is None
     with pytest.raises(DpormError, match="--max-steps conflicts with --epochs"):
         build_config({"config": str(config), "max_steps": 3, "epochs": 2})  # both typed: still a conflict
+
+
+@pytest.mark.parametrize("targets", ["lm_head", "lm_head,embed_tokens"])
+def test_a_merged_lora_on_a_tied_head_is_the_model_the_adapter_computed(tmp_path, smollm_tokenizer, targets):
+    from transformers import AutoModelForCausalLM
+
+    from dpo.lora import apply_lora
+    from dpo.train_command import _save_policy
+
+    model = apply_lora(make_tiny_llama(tie_word_embeddings=True), r=2, targets=targets)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: B is no longer 0
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    expected = model(ids).logits
+    _save_policy(model, smollm_tokenizer, tmp_path / "policy", keep_adapter=False)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    torch.testing.assert_close(saved(ids).logits, expected, atol=1e-5, rtol=1e-5)
