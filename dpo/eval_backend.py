@@ -89,6 +89,9 @@ class OfflineBackend:
             raise DpormError("the norm mode needs β > 0")
         self.model, self.mode, self.compat = model, mode, compat
         if max_length is not None:
+            context = model.context_length
+            if context is not None and max_length > context:
+                raise DpormError(f"--max-length {max_length} is past the models' context of {context} positions")
             self.model.max_length = max_length
 
     def describe(self) -> dict:

@@ -220,3 +220,9 @@ def test_compat_cli_runs(tmp_path, artifact):
                  "--output", str(out)]) == 0  # fmt: skip
     res = results(out)
     assert res["config"]["rewardbench_compat"] and res["data"]["scored"] == 12
+
+
+def test_max_length_past_the_models_context_is_one_line(tmp_path, artifact, capsys):
+    args = ["eval", "rewardbench", str(artifact), "--data", str(RB), "--device", "cpu", "--output", str(tmp_path)]
+    assert main([*args, "--max-length", "4097"]) == 1  # this module's artifact has models of 4096 positions
+    assert "past the models' context of 4096 positions" in capsys.readouterr().err
