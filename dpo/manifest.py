@@ -108,19 +108,21 @@ class Manifest:
         """A model location: a path inside the artifact directory or an absolute path (made absolute), or a hub id.
 
         A relative path resolves against the artifact directory only, never the working directory: a
-        missing ``policy`` is an error, not ``./policy``. An ``org/name`` that is not a path inside the
-        artifact stays a hub id.
+        missing ``policy`` is an error, not ``./policy``. A hub id (``org/name``, or a legacy one-word id
+        such as ``gpt2``) that is not a path inside the artifact stays a hub id; the names dporm gives the
+        models it stores inside an artifact (``policy``, ``reference``) never do.
         """
         if name is None:
             return None
         local = Path(directory) / Path(name).expanduser()
-        if local.exists() or not HUB_ID.fullmatch(name):
+        if local.exists() or not HUB_ID.fullmatch(name) or name in STORED_NAMES:
             return str(local.resolve())
         return name
 
 
-# The hub's "org/name" repository ids (a local path that looks like one is tried inside the artifact first).
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# The hub's repository ids: "org/name", or one word for legacy models (tried inside the artifact first).
+HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
+STORED_NAMES = ("policy", "reference")  # models that train and extract write inside the artifact
 
 
 def is_positive_number(value: object) -> bool:

@@ -90,6 +90,8 @@ def test_relative_paths_resolve_inside_the_artifact_only(tmp_path, monkeypatch):
     assert m.resolve(artifact, "policy") == str((artifact / "policy").resolve())  # missing: an error when loaded
     assert m.resolve(artifact, "sub/dir/model") == str((artifact / "sub/dir/model").resolve())
     assert m.resolve(artifact, "org/name") == "org/name"  # a hub id
+    assert m.resolve(artifact, "gpt2") == "gpt2"  # a legacy one-word hub id
+    assert m.resolve(artifact, "reference") == str((artifact / "reference").resolve())  # dporm's own name: a path
     (artifact / "org" / "name").mkdir(parents=True)
     assert m.resolve(artifact, "org/name") == str((artifact / "org" / "name").resolve())  # inside the artifact
     assert m.resolve(artifact, str(cwd / "policy")) == str(cwd / "policy")  # absolute paths stay
