@@ -98,6 +98,9 @@ class RewardModel:
             max_length = self.context_length  # past the context, learned positions fail and rotary ones extrapolate
         self.max_length, self.allow_response_truncation = max_length, allow_response_truncation
         self.ref_cache = ReferenceCache(ref_cache_size)
+        # One forward at a time: in adapter mode the reference pass switches the shared model's adapter off,
+        # which a policy pass in another thread would see. (Each forward already uses every core.)
+        self._forward_lock = threading.Lock()
         self.info = info or {}
         self.paired = None
         if paired:  # bf16 matmuls, the policy as the reference plus a difference stream: dpo.paired
@@ -173,13 +176,14 @@ class RewardModel:
         if not seqs:
             return []
         use_ref = self.has_reference and not reference_free
-        if self.paired is not None:  # both models in one pass; the reference cache would save nothing
-            policy, both = self.paired.logprobs(seqs)
-            ref = [both.per_token(i).cpu() for i in range(len(seqs))] if use_ref else None
-            hits = [False] * len(seqs)
-        else:
-            policy = sequence_logprobs(self.policy, seqs)
-            ref, hits = self._reference_token_logps(seqs) if use_ref else (None, [False] * len(seqs))
+        with self._forward_lock:
+            if self.paired is not None:  # both models in one pass; the reference cache would save nothing
+                policy, both = self.paired.logprobs(seqs)
+                ref = [both.per_token(i).cpu() for i in range(len(seqs))] if use_ref else None
+                hits = [False] * len(seqs)
+            else:
+                policy = sequence_logprobs(self.policy, seqs)
+                ref, hits = self._reference_token_logps(seqs) if use_ref else (None, [False] * len(seqs))
         results = []
         for i, seq in enumerate(seqs):
             pol_tokens = policy.per_token(i).cpu()
@@ -217,12 +221,16 @@ def models_context_length(*models) -> int | None:
 
 
 def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:
-    """One-line error unless two tokenizers encode alike: vocabulary, special tokens, chat template."""
+    """One-line error unless two tokenizers encode alike: vocabulary, special tokens, chat template.
+
+    The pad token is not compared: it never enters a scored sequence (sequences are packed, or padded
+    and masked), and DPO trainers often set one on the policy's tokenizer.
+    """
     if a.get_vocab() != b.get_vocab():
         va, vb = a.get_vocab(), b.get_vocab()
         detail = f"{len(va)} vs {len(vb)} tokens" if len(va) != len(vb) else "same size, different tokens"
         raise DpormError(f"tokenizers differ: {a_name} and {b_name} do not share a vocabulary ({detail})")
-    sa, sb = getattr(a, "special_tokens_map", {}), getattr(b, "special_tokens_map", {})
+    sa, sb = ({k: v for k, v in getattr(t, "special_tokens_map", {}).items() if k != "pad_token"} for t in (a, b))
     if sa != sb:
         keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
         shown = ", ".join(f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in keys)

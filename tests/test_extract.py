@@ -124,13 +124,18 @@ def _variant(models, name: str, change) -> str:
     [
         ("vocab", lambda t: t.add_tokens(["<extra-token>"]), "do not share a vocabulary"),
         ("template", lambda t: setattr(t, "chat_template", "{{ messages }}"), "chat templates differ"),
-        ("special", lambda t: setattr(t, "pad_token", "<|endoftext|>"), "special tokens differ"),
+        ("special", lambda t: setattr(t, "eos_token", "<|endoftext|>"), "special tokens differ"),
     ],
 )
 def test_tokenizer_mismatch_is_one_line(models, tmp_path, capsys, name, change, message):
     assert extract(_variant(models, name, change), models["reference"], tmp_path / "x") == 1
     one_line_error(capsys, message)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_policy_tokenizer_with_its_own_pad_token_is_accepted(models, tmp_path):
+    policy = _variant(models, "pad", lambda t: setattr(t, "pad_token", "<|endoftext|>"))
+    assert extract(policy, models["reference"], tmp_path / "x") == 0
 
 
 def test_architecture_mismatch_and_option_errors_are_one_line(models, tmp_path, capsys):

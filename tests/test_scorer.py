@@ -124,3 +124,37 @@ def test_paired_results_come_to_the_cpu_on_both_sides():
     model = RewardModel(policy, reference, None, 0.5)
     model.paired = _FakePaired(policy, reference)
     assert [r.reward for r in model.score_encoded(SEQS)] == pytest.approx(want, abs=1e-6)
+
+
+def test_threads_sharing_an_adapter_model_get_the_rewards_of_one_thread(monkeypatch):
+    import threading
+    import time
+
+    import dpo.scorer as scorer_module
+
+    adapter = apply_lora(make_tiny_llama(), r=2)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # a trained adapter: the policy differs from its reference
+    model = RewardModel(adapter, "adapter", None, 0.5, ref_cache_size=0)
+    expected = [r.reward for r in model.score_encoded(SEQS)]
+    assert any(abs(r) > 1e-3 for r in expected)
+
+    def slow(m, seqs):  # widens each forward, so one thread's policy pass overlaps the other's reference pass
+        time.sleep(0.1)
+        return sequence_logprobs(m, seqs)
+
+    monkeypatch.setattr(scorer_module, "sequence_logprobs", slow)
+    got: list[list[float]] = []
+
+    def score() -> None:
+        got.append([r.reward for r in model.score_encoded(SEQS)])
+
+    threads = [threading.Thread(target=score) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert got == [expected, expected]
