@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("dporm.server")
@@ -60,7 +61,7 @@ class Admission:
                 await response(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)
-        except _ClientGone:
+        except (_ClientGone, ClientDisconnect):  # the client left while sending its body: nobody to answer
             status = status or CLIENT_GONE
         except Exception as e:  # a bug, not the client's fault: still the error schema, and counted
             log.exception("unhandled error on %s", scope["path"])

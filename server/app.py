@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dpo import __version__
 from dpo.encoding import Encoded
@@ -128,6 +129,8 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400 and isinstance(e.__cause__, ClientDisconnect):  # gone mid-body: nobody to answer
+            return _error(499, "client disconnected", "cancelled")
         if e.status_code == 400:  # FastAPI's "error parsing the body" (bad UTF-8, nesting too deep): malformed input
             return _error(422, str(e.detail), "invalid_request_error")
         kind = "not_found_error" if e.status_code == 404 else "http_error"

@@ -197,3 +197,28 @@ def test_work_arriving_after_the_worker_stopped_is_503(reward_model):
         response = c.post("/v1/rewards", json=item(0))
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert "shutting down" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_client_gone_mid_body_is_counted_499_without_an_error(reward_model, chunked, caplog):
+    state = State(Limits(), None)
+    state.attach(reward_model)
+    app = create_app(state)
+    headers = [(b"content-type", b"application/json")] + ([] if chunked else [(b"content-length", b"500")])
+    scope = {"type": "http", "method": "POST", "path": "/v1/rewards", "headers": headers, "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "root_path": ""}  # fmt: skip
+    messages = [{"type": "http.request", "body": b'{"items": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    counted = {(m.labels["endpoint"], m.labels["code"]) for m in state.metrics.requests.collect()[0].samples}
+    assert counted == {("/v1/rewards", "499")}
+    state.batcher.stop()
