@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dpo.errors import DpormError
@@ -43,7 +45,10 @@ def load_adapter(base, path: str, allow_pickle: bool = False):
         if not (folder / "adapter_model.bin").is_file():
             raise DpormError(f"{path}: no adapter weights (adapter_model.safetensors)")
     try:
-        return PeftModel.from_pretrained(base, path).eval()
+        with warnings.catch_warnings():
+            # PEFT warns that merging a delta on tied embeddings is hard; dporm unties before merging.
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+            return PeftModel.from_pretrained(base, path).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise DpormError(f"cannot load adapter from {path}: {str(e).splitlines()[0]}") from None
 

@@ -41,6 +41,15 @@ def test_tied_delta_artifact_scores_like_the_exact_policy(tied, dtype, monkeypat
     assert rewards(delta) == pytest.approx(want, rel=1e-4, abs=1e-3)  # merged twice, they were ~2x
 
 
+def test_loading_a_tied_delta_artifact_does_not_warn_about_merging(tied):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_reward_model(tied["delta"], device="cpu")
+    assert not [w for w in caught if "tie_word_embeddings" in str(w.message)]
+
+
 def test_merged_tied_policy_has_the_policy_weights(tied, monkeypatch):
     monkeypatch.setenv(COMPILE_VARIABLE, "0")
     merged = load_reward_model(tied["delta"], device="cpu", dtype="bf16-paired").policy
