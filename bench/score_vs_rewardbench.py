@@ -38,6 +38,7 @@ import torch
 from dpo.data import read_records
 from dpo.default_model import pull_default_model
 from dpo.encoding import Encoded
+from dpo.lora import is_adapter_dir, load_merged_adapter
 from dpo.models import load_model, load_tokenizer
 from dpo.scorer import RewardModel, load_reward_model
 
@@ -61,6 +62,13 @@ def gemm_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 3.0) -> 
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def load_policy(path: str, reference: str, dtype: str, device: str):
+    """The policy as plain weights: a PEFT adapter (``dporm train --finetune lora``) merged into its reference."""
+    if is_adapter_dir(path):
+        return load_merged_adapter(load_model(reference, dtype, device), path)
+    return load_model(path, dtype, device)
 
 
 def _sync(device: str) -> None:
@@ -195,7 +203,9 @@ def agreement_by_margin(rewards, baseline) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--policy", required=True, help="DPO policy (full checkpoint dir)")
+    p.add_argument(
+        "--policy", required=True, help="DPO policy: a full checkpoint dir, or a PEFT adapter dir over --reference"
+    )
     p.add_argument("--reference", default="default", help="reference model dir ('default' = SmolLM2-135M-Instruct)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/rewardbench/filtered-sample.jsonl"))
@@ -216,7 +226,10 @@ def main() -> None:
     print(f"{len(rows)} pairs, {torch.get_num_threads()} threads, GEMM peak fp32 {peaks['fp32']:.0f} "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
 
-    fp32 = {"policy": load_model(args.policy, device=device), "reference": load_model(reference, device=device)}
+    fp32 = {
+        "policy": load_policy(args.policy, reference, "float32", device),
+        "reference": load_model(reference, device=device),
+    }
     DPOInference = load_dpo_inference()
     rb_tok = load_tokenizer(reference)
     rb_tok.pad_token = rb_tok.eos_token  # as run_dpo.py
@@ -277,8 +290,8 @@ def main() -> None:
         if side in skip:
             continue
         paired, weights = dtype == "bf16-paired", "float32" if dtype == "bf16-paired" else dtype
-        low = RewardModel(load_model(args.policy, weights, device), load_model(reference, weights, device), tokenizer,
-                          args.beta, ref_cache_size=0, paired=paired)  # fmt: skip
+        pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
+        low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
         seconds, rewards = time_dporm(low, pairs, args.batch_pairs)
         record(f"dporm {dtype}", seconds, dporm_flops(low.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip

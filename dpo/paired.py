@@ -15,7 +15,9 @@ GEMM rounds only differences, which are small. The LM head is paired the same wa
 tiles (:class:`_PairedHead`). Norms, rotary positions, attention, the SiLU gate and log-softmax run in
 fp32; the elementwise steps between GEMMs are fused kernels (:mod:`dpo.paired_ops`). Identical
 models give a reward of exactly 0. Cost: 1.5x the bf16 matmul FLOPs of scoring the two models apart,
-no padding (sequences are packed, as :mod:`dpo.packing`).
+no padding (sequences are packed, as :mod:`dpo.packing`). Where W_π − W_ref has a low rank r (a LoRA
+policy, merged or not; a ``--delta-rank`` artifact; an untouched layer), the difference GEMM is
+``[x_π − x_ref, x_π·Aᵀ] [W_ref, B]ᵀ`` with W_π − W_ref = B·A, K + r wide instead of 2K: about 1.05x.
 
 Llama-style decoders only (Llama, Mistral without sliding windows, Qwen2, SmolLM): RMSNorm, q/k/v/o
 projections with optional biases, rotary positions, SiLU-gated MLP, a plain linear LM head without bias.
@@ -72,24 +74,74 @@ def paired_support(model) -> str | None:
     return None
 
 
+LOW_RANK_TOLERANCE = 2.0**-11  # relative Frobenius error of ΔW ≈ B·A: below ΔW's own bf16 rounding (~2^-9/√3)
+
+
+def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(B, A)`` with ``‖ΔW − B·A‖_F ≤ LOW_RANK_TOLERANCE·‖ΔW‖_F``, when so small a rank makes the GEMM cheaper.
+
+    A LoRA-trained policy (merged or not), a ``--delta-rank`` artifact or a frozen layer has such a
+    delta; a full fine-tune's is full-rank and gets None. The rank must pay for the extra GEMM
+    ``x_π·Aᵀ``: ``r·(N + K)`` at most about half of the ``N·K`` it saves. A zero delta has rank 0.
+    The rank comes from the eigenvalues of the float64 Gram matrix on the smaller side (σ² of ΔW).
+    """
+    n, k = delta.shape
+    wide = n < k
+    d = delta.double()
+    gram = d @ d.t() if wide else d.t() @ d
+    power, vectors = torch.linalg.eigh(gram)  # ascending
+    total = power.sum()
+    if total <= 0:
+        return delta.new_zeros(n, 0), delta.new_zeros(0, k)
+    tail = power.cumsum(0)  # tail[i]: energy of the i + 1 smallest directions
+    r = len(power) - int((tail <= LOW_RANK_TOLERANCE**2 * total).sum())
+    if r > min(n * k // (2 * (n + k)), min(n, k) // 2):
+        return None
+    basis = vectors[:, len(power) - r :]
+    b, a = (basis, basis.t() @ d) if wide else (d @ basis, basis.t())
+    b, a = b.to(delta.dtype), a.to(delta.dtype)
+    if torch.linalg.matrix_norm(delta - b @ a) > LOW_RANK_TOLERANCE * total.sqrt():
+        return None
+    return b, a
+
+
 class _Linear:
-    """One paired linear map: ``y_ref`` and ``y_π − y_ref`` from the GEMM inputs of :func:`paired_ops.gemm_inputs`."""
+    """One paired linear map: ``y_ref`` and ``y_π − y_ref`` from the GEMM inputs of :func:`paired_ops.gemm_inputs`.
+
+    With a low-rank delta ΔW = B·A (:func:`low_rank_delta`) the difference GEMM is
+    ``[x_π − x_ref, x_π·Aᵀ] [W_ref, B]ᵀ``, K + r wide instead of 2K.
+    """
 
     def __init__(self, refs: Sequence[torch.nn.Linear], pols: Sequence[torch.nn.Linear], dtype: torch.dtype):
         # Several maps of the same input (q, k, v; gate, up) are one GEMM: weights concatenated along N.
         w_ref = torch.cat([m.weight.detach() for m in refs]).float()
-        w_pol = torch.cat([m.weight.detach() for m in pols]).float()
+        delta = torch.cat([m.weight.detach() for m in pols]).float() - w_ref
         self.k = w_ref.shape[1]
-        self.weight = torch.cat([w_ref, w_pol - w_ref], dim=1).to(dtype)  # [N, 2K]: [W_ref, ΔW]
+        factors = low_rank_delta(delta)
+        self.down = None if factors is None else factors[1].to(dtype)  # A [r, K]
+        right = delta if factors is None else factors[0]
+        self.weight = torch.cat([w_ref, right], dim=1).to(dtype)  # [N, 2K]: [W_ref, ΔW], or [N, K + r]: [W_ref, B]
         if refs[0].bias is not None:
             b_ref = torch.cat([m.bias.detach() for m in refs]).float()
             self.bias, self.bias_delta = b_ref, torch.cat([m.bias.detach() for m in pols]).float() - b_ref
         else:
             self.bias = self.bias_delta = None
 
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else self.down.shape[0]
+
+    def delta_input(self, x_diff_pol: torch.Tensor) -> torch.Tensor:
+        """The difference GEMM's input from ``[x_π − x_ref, x_π]``: itself, or ``[x_π − x_ref, x_π·Aᵀ]``."""
+        if self.down is None:
+            return x_diff_pol
+        diff, pol = x_diff_pol[:, : self.k], x_diff_pol[:, self.k :]
+        return diff if self.down.shape[0] == 0 else torch.cat([diff, pol @ self.down.t()], dim=1)
+
     def __call__(self, x_ref: torch.Tensor, x_diff_pol: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_ref`` [M, K], ``[x_π − x_ref, x_π]`` [M, 2K], in the GEMM dtype; outputs in it (float32 with a bias)."""
-        y_ref, delta = x_ref @ self.weight[:, : self.k].t(), x_diff_pol @ self.weight.t()
+        y_ref = x_ref @ self.weight[:, : self.k].t()
+        delta = self.delta_input(x_diff_pol) @ self.weight.t()
         if self.bias is not None:
             return _WITH_BIAS(y_ref, delta, self.bias, self.bias_delta)
         return y_ref, delta
@@ -166,6 +218,7 @@ class _PairedHead:
         for s in range(0, h_ref.shape[0], self.ROWS):
             rows = slice(s, s + self.ROWS)
             x_ref, x_in = _GEMM_INPUTS(h_ref[rows], h_pol[rows], dtype)
+            x_in = self.paired.delta_input(x_in)
             c = shift[rows]
             x_ref = torch.cat([x_ref, c[:, None], x_ref.new_zeros(len(c), self.PAD - 1)], dim=1)
             lows = [torch.full_like(z_ref[rows], float("-inf")) for _ in range(2)]

@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
+from dpo import paired
 from dpo.cli import main
 from dpo.encoding import Encoded
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model, mix_precision
-from dpo.paired import PairedModel, _PairedHead, paired_support
+from dpo.paired import LOW_RANK_TOLERANCE, PairedModel, _PairedHead, low_rank_delta, paired_support
 from dpo.paired_ops import COMPILE_VARIABLE, Fused
 from dpo.scorer import RewardModel, load_reward_model
 
@@ -78,6 +79,58 @@ def test_log_ratio_error_is_far_below_bf16_mixed(pair):
     mixed_error = (_log_ratios(*mixed, seqs) - exact).abs().mean()
     # Measured here: paired ~35x below bf16-mixed (the rounding of the large products is shared).
     assert paired_error < mixed_error / 3, (paired_error, mixed_error)
+
+
+def _lora_tuned(reference, rank: int = 2, scale: float = 0.05, seed: int = 2):
+    """reference + a rank-``rank`` change B·A of every decoder linear map, as a merged LoRA leaves it."""
+    policy = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in policy.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                n, k = m.weight.shape
+                b, a = torch.randn(n, rank, generator=g), torch.randn(rank, k, generator=g)
+                m.weight += scale * m.weight.abs().mean() * (b @ a) / rank**0.5
+    return policy
+
+
+def test_low_rank_deltas_are_found_and_full_rank_ones_refused():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(300, 3, generator=g) @ torch.randn(3, 200, generator=g)
+    b, a = low_rank_delta(exact)
+    assert b.shape == (300, 3) and a.shape == (3, 200)
+    torch.testing.assert_close(b @ a, exact, atol=1e-4, rtol=0)
+    # Rank 3 plus float32-merge-sized noise is still rank 3; the noise is far below the tolerance.
+    noisy = exact + 1e-7 * torch.randn(300, 200, generator=g)
+    assert low_rank_delta(noisy)[0].shape[1] == 3
+    # A dense change (a full fine-tune) is refused: no small rank reaches the tolerance.
+    assert low_rank_delta(torch.randn(300, 200, generator=g)) is None
+    # A truncation error above the tolerance is refused even when the leading directions are few.
+    tail = exact + 10 * LOW_RANK_TOLERANCE * exact.norm() / 245 * torch.randn(300, 200, generator=g)
+    assert low_rank_delta(tail) is None
+    b, a = low_rank_delta(torch.zeros(30, 20))
+    assert b.shape == (30, 0) and a.shape == (0, 20)
+
+
+def test_low_rank_policy_runs_narrow_difference_gemms_as_accurately(pair, monkeypatch):
+    _, reference = pair
+    policy, seqs = _lora_tuned(reference), _seqs(16)
+    model = PairedModel(policy, reference)
+    ranks = {layer.qkv.rank for layer in model.layers} | {layer.down.rank for layer in model.layers}
+    assert ranks == {6, 2}  # q, k and v each rank 2, concatenated; down alone
+    assert model.head.paired.rank == 0  # the LM head is unchanged
+    exact = _log_ratios(policy, reference, seqs)
+    a, b = model.logprobs(seqs)
+    low_rank_error = (a.logp - b.logp - exact).abs().mean()
+    mixed = [mix_precision(copy.deepcopy(m)) for m in (policy, reference)]
+    mixed_error = (_log_ratios(*mixed, seqs) - exact).abs().mean()
+    assert low_rank_error < mixed_error / 3, (low_rank_error, mixed_error)
+    # The same pass with every delta dense, as a full fine-tune runs.
+    monkeypatch.setattr(paired, "low_rank_delta", lambda delta: None)
+    c, d = PairedModel(policy, reference).logprobs(seqs)
+    dense_error = (c.logp - d.logp - exact).abs().mean()
+    # Measured: 2e-4 against 1e-4 (A and x_π·Aᵀ are rounded too), both ~20x below bf16-mixed's 3.4e-3.
+    assert low_rank_error < 3 * dense_error, (low_rank_error, dense_error)
 
 
 def test_identical_models_give_exactly_zero(pair):
