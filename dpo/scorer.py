@@ -220,8 +220,12 @@ def models_context_length(*models) -> int | None:
     return min((n for n in found if n is not None), default=None)
 
 
+TOKENIZER_PROBE = "Hello, World! It's 1234.5 ünïcödé  spaces\n\ttabs <end> 日本語"
+
+
 def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:
-    """One-line error unless two tokenizers encode alike: vocabulary, special tokens, chat template.
+    """One-line error unless two tokenizers encode alike: vocabulary, special tokens, chat template, and
+    the ids of a probe text with and without special tokens (BOS/EOS settings, normalizer, merges).
 
     The pad token is not compared: it never enters a scored sequence (sequences are packed, or padded
     and masked), and DPO trainers often set one on the policy's tokenizer.
@@ -237,6 +241,16 @@ def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:
         raise DpormError(f"special tokens differ between {a_name} and {b_name}: {shown}")
     if getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
         raise DpormError(f"chat templates differ between {a_name} and {b_name}")
+    for special in (False, True):  # BOS/EOS settings, normalizers and merges: a shared vocabulary is not enough
+        ids_a, ids_b = (list(t(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]) for t in (a, b))
+        if ids_a != ids_b:
+            shared = min(len(ids_a), len(ids_b))
+            i = next((j for j in range(shared) if ids_a[j] != ids_b[j]), shared)
+            raise DpormError(
+                f"tokenizers differ between {a_name} and {b_name}: the same text encodes differently "
+                f"({'with' if special else 'without'} special tokens, from token {i}: {ids_a[i : i + 3]} vs "
+                f"{ids_b[i : i + 3]}; BOS/EOS settings, normalizer or merges)"
+            )
 
 
 def _check_tokenizers(policy_dir: str, reference_dir: str, trust_remote_code: bool) -> None:

@@ -119,12 +119,20 @@ def _variant(models, name: str, change) -> str:
     return str(path)
 
 
+def _lowercase(tokenizer) -> None:
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+
+
 @pytest.mark.parametrize(
     "name, change, message",
     [
         ("vocab", lambda t: t.add_tokens(["<extra-token>"]), "do not share a vocabulary"),
         ("template", lambda t: setattr(t, "chat_template", "{{ messages }}"), "chat templates differ"),
         ("special", lambda t: setattr(t, "eos_token", "<|endoftext|>"), "special tokens differ"),
+        ("bos", lambda t: setattr(t, "add_bos_token", True), "with special tokens, from token 0: [1, "),
+        ("lowercase", _lowercase, "without special tokens, from token 0"),
     ],
 )
 def test_tokenizer_mismatch_is_one_line(models, tmp_path, capsys, name, change, message):
