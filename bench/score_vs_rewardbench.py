@@ -7,7 +7,8 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
     dporm fp32    RewardModel.score_encoded (the code ``dporm score`` and the server run) on the same token ids
     dporm bf16    the same with bf16 weights (log-softmax stays fp32)
     bf16-mixed    bf16 decoder matmuls under autocast; residual stream, norms, LM head in fp32
-    bf16-paired   both models in one pass, the policy as the reference plus an fp32 difference (dpo.paired)
+    bf16-paired   both models in one pass, the policy as the reference plus an fp32 difference (dpo.paired);
+                  with a LoRA policy (an adapter dir as --policy) its difference GEMMs run at the delta's rank
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
