@@ -75,6 +75,7 @@ def paired_support(model) -> str | None:
 
 
 LOW_RANK_TOLERANCE = 2.0**-11  # relative Frobenius error of ΔW ≈ B·A: below ΔW's own bf16 rounding (~2^-9/√3)
+MAX_LOW_RANK = 256  # the largest rank looked for (a sketch this wide costs three GEMMs of ΔW's size)
 
 
 def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,25 +83,26 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
 
     A LoRA-trained policy (merged or not), a ``--delta-rank`` artifact or a frozen layer has such a
     delta; a full fine-tune's is full-rank and gets None. The rank must pay for the extra GEMM
-    ``x_π·Aᵀ``: ``r·(N + K)`` at most about half of the ``N·K`` it saves. A zero delta has rank 0.
-    The rank comes from the eigenvalues of the float64 Gram matrix on the smaller side (σ² of ΔW).
+    ``x_π·Aᵀ``: ``r·(N + K)`` at most about half of the ``N·K`` it saves, and at most MAX_LOW_RANK.
+    A zero delta has rank 0. Randomized range finder (Halko et al. 2011, without power iterations:
+    the deltas that qualify are low-rank up to rounding): ΔW·Ω with a fixed-seed Ω, its orthonormal
+    basis Q, the SVD of QᵀΔW truncated at the tolerance, and the residual measured, never assumed.
     """
     n, k = delta.shape
-    wide = n < k
-    d = delta.double()
-    gram = d @ d.t() if wide else d.t() @ d
-    power, vectors = torch.linalg.eigh(gram)  # ascending
-    total = power.sum()
-    if total <= 0:
+    norm = torch.linalg.matrix_norm(delta)
+    if norm == 0:
         return delta.new_zeros(n, 0), delta.new_zeros(0, k)
-    tail = power.cumsum(0)  # tail[i]: energy of the i + 1 smallest directions
-    r = len(power) - int((tail <= LOW_RANK_TOLERANCE**2 * total).sum())
-    if r > min(n * k // (2 * (n + k)), min(n, k) // 2):
+    cap = min(n * k // (2 * (n + k)), min(n, k) // 2, MAX_LOW_RANK)
+    g = torch.Generator(device=delta.device).manual_seed(0)
+    omega = torch.randn(k, min(cap + 8, min(n, k)), generator=g, device=delta.device, dtype=delta.dtype)
+    basis, _ = torch.linalg.qr(delta @ omega)
+    u, s, vh = torch.linalg.svd(basis.t() @ delta, full_matrices=False)
+    tail = s.double().square().flip(0).cumsum(0).flip(0)  # tail[i]: energy of directions i, i+1, …
+    r = int((tail > (LOW_RANK_TOLERANCE / 2) ** 2 * norm.double().square()).sum())
+    if r > cap:
         return None
-    basis = vectors[:, len(power) - r :]
-    b, a = (basis, basis.t() @ d) if wide else (d @ basis, basis.t())
-    b, a = b.to(delta.dtype), a.to(delta.dtype)
-    if torch.linalg.matrix_norm(delta - b @ a) > LOW_RANK_TOLERANCE * total.sqrt():
+    b, a = basis @ (u[:, :r] * s[:r]), vh[:r]
+    if torch.linalg.matrix_norm(delta - b @ a) > LOW_RANK_TOLERANCE * norm:
         return None
     return b, a
 
