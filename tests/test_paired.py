@@ -110,6 +110,12 @@ def test_low_rank_deltas_are_found_and_full_rank_ones_refused():
     assert low_rank_delta(tail) is None
     b, a = low_rank_delta(torch.zeros(30, 20))
     assert b.shape == (30, 0) and a.shape == (0, 20)
+    # Non-finite deltas (and norms past float32) keep the dense path, which carries them as they are.
+    for bad in (float("nan"), float("inf")):
+        broken = exact.clone()
+        broken[3, 4] = bad
+        assert low_rank_delta(broken) is None
+    assert low_rank_delta(exact * 1e30) is None
 
 
 def test_low_rank_policy_runs_narrow_difference_gemms_as_accurately(pair, monkeypatch):
