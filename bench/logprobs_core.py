@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dpo.allocator import keep_freed_memory
 from dpo.data import read_records
 from dpo.default_model import pull_default_model
 from dpo.encoding import encode
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the dporm command does (dpo.allocator); every side of the comparison gets it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/rewardbench/filtered-sample.jsonl"))
     parser.add_argument("--pairs", type=int, default=32)

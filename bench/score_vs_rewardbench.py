@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dpo.allocator import keep_freed_memory
 from dpo.data import read_records
 from dpo.default_model import pull_default_model
 from dpo.encoding import Encoded
@@ -218,6 +219,7 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,paired,own")
     p.add_argument("--output", default=str(ROOT / "bench/results/score_vs_rewardbench.json"))
     args = p.parse_args()
+    keep_freed_memory()  # as the dporm command does (dpo.allocator); every side of the comparison gets it
     skip = set(filter(None, args.skip.split(",")))
     reference = str(pull_default_model()) if args.reference == "default" else args.reference
     tokenizer = load_tokenizer(reference)

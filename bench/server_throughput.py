@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from dpo.allocator import keep_freed_memory
 from dpo.data import read_records
 from dpo.default_model import pull_default_model
 from dpo.preference_data import load_preferences
@@ -149,6 +150,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--output", default=str(ROOT / "bench/results/server_throughput.json"))
     args = p.parse_args()
+    keep_freed_memory()  # as the dporm command does (dpo.allocator); every side of the comparison gets it
     args.url = f"http://127.0.0.1:{args.port}"
     skip = set(filter(None, args.skip.split(",")))
     reference = str(pull_default_model()) if args.reference == "default" else args.reference

@@ -22,6 +22,7 @@ from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
+from dpo.allocator import keep_freed_memory
 from dpo.lora import apply_lora
 
 
@@ -127,6 +128,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     a = parse_args()
+    keep_freed_memory()  # as the dporm command does (dpo.allocator); every side of the comparison gets it
     torch.set_num_threads(a.threads)
     rows = load_rows(a.data, a.steps * a.batch_size)
     tokenizer = AutoTokenizer.from_pretrained(a.model)

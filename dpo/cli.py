@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from dpo import __version__
+from dpo.allocator import keep_freed_memory
 from dpo.errors import DpormError
 from dpo.manifest import ONE_MODEL_DTYPE_HELP
 
@@ -171,6 +172,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        keep_freed_memory()  # before any model work: see dpo.allocator
         args.run(args)
     except DpormError as e:
         print(f"dporm: error: {e}", file=sys.stderr)
