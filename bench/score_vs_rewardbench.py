@@ -51,7 +51,7 @@ SITE = Path(importlib.util.find_spec("transformers").origin).parents[1]
 def gemm_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 3.0) -> float:
     """Sustained GFLOP/s of back-to-back n×n×n matmuls (n = 2048 on a CPU, 8192 on a GPU), median over ``seconds``.
 
-    A median over seconds, not a best-of-few: a shared VM's short bursts run well above what it sustains.
+    A median, not a best-of-few: a shared VM's short bursts run well above what it sustains.
     """
     n = 8192 if device != "cpu" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -66,6 +66,46 @@ def gemm_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 3.0) -> 
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
 
 
+class TimedSide:
+    """One side's timed batches, with the GEMM peak sampled between them (untimed) every ``every`` seconds.
+
+    This VM's GEMM rate drifts by 1.5x within minutes (fp32 189-303, bf16 600-1900 GFLOP/s seen in one
+    run), so a peak read once before a 4-minute side misjudges its MFU either way. Each sample
+    stands for the batches timed since the previous one: MFU = FLOPs / Σ seconds_i · peak_i.
+    """
+
+    def __init__(self, peak: str, device: str, every: float = 5.0):
+        self.peak, self.device, self.every = peak, device, every
+        self.seconds, self.pending, self.peak_seconds, self.samples = 0.0, 0.0, 0.0, []
+
+    def run(self, fn, *args):
+        _sync(self.device)
+        start = time.perf_counter()
+        out = fn(*args)
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.pending += elapsed
+        if self.pending >= self.every:
+            self._sample()
+        return out
+
+    def _sample(self) -> None:
+        rate = gemm_peak(PEAK_DTYPES[self.peak], self.device, seconds=0.3)
+        self.samples.append(rate)
+        self.peak_seconds += self.pending * rate
+        self.pending = 0.0
+
+    def finish(self) -> dict:
+        if self.pending:
+            self._sample()
+        return {"seconds": self.seconds, "peak_gflop_s": self.peak_seconds / self.seconds,
+                "peak_samples": [round(x, 1) for x in self.samples]}  # fmt: skip
+
+
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def load_policy(path: str, reference: str, dtype: str, device: str):
     """The policy as plain weights: a PEFT adapter (``dporm train --finetune lora``) merged into its reference."""
     if is_adapter_dir(path):
@@ -78,8 +118,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _set_mfu(entry: dict, peaks: dict[str, float]) -> None:
-    peak = peaks[entry["peak"]]
+def _set_mfu(entry: dict) -> None:
+    peak = entry["peak_gflop_s"]
     entry["mfu"] = entry["gflop"] / entry["seconds"] / peak
     entry["mfu_with_attention"] = (entry["gflop"] + entry["attention_gflop"]) / entry["seconds"] / peak
 
@@ -134,30 +174,32 @@ def attention_flops(model, lengths_and_prefixes) -> float:
     return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
 
 
-def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int) -> tuple[float, list[float]]:
+def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int, device: str):
+    """(timing of :meth:`TimedSide.finish`, rewards) of DPOInference over every pair, after one untimed batch."""
     rewards: list[tuple[float, float]] = []
+    side = TimedSide("fp32", device)
     with torch.inference_mode():
         dpo.inference_step(collate(features[:batch_size], pad_id))  # untimed warm-up, as dporm's sides
-    start = time.perf_counter()
-    with torch.inference_mode():
         for i in range(0, len(features), batch_size):
-            chosen, rejected = dpo.inference_step(collate(features[i : i + batch_size], pad_id))
+            chosen, rejected = side.run(dpo.inference_step, collate(features[i : i + batch_size], pad_id))
             rewards += list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-    return time.perf_counter() - start, rewards
+    return side.finish(), rewards
 
 
-def time_dporm(model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int):
-    """(seconds, rewards) of scoring every pair, after one untimed warm-up batch (bf16-paired compiles there)."""
+def time_dporm(model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int, peak: str = "fp32"):
+    """(timing of :meth:`TimedSide.finish`, rewards) of scoring every pair, after one untimed warm-up batch.
+
+    bf16-paired compiles its fused steps in the warm-up.
+    """
     warm = time.perf_counter()
     model.score_encoded([s for pair in pairs[:batch_pairs] for s in pair])
     print(f"    warm-up (one batch, first call) {time.perf_counter() - warm:.1f} s")
     rewards = []
-    start = time.perf_counter()
+    side = TimedSide(peak, str(model.device))
     for i in range(0, len(pairs), batch_pairs):
-        seqs = [s for pair in pairs[i : i + batch_pairs] for s in pair]
-        out = model.score_encoded(seqs)
+        out = side.run(model.score_encoded, [s for pair in pairs[i : i + batch_pairs] for s in pair])
         rewards += [(out[j].reward, out[j + 1].reward) for j in range(0, len(out), 2)]
-    return time.perf_counter() - start, rewards
+    return side.finish(), rewards
 
 
 def compat_pairs(feature: dict) -> tuple[Encoded, Encoded]:
@@ -240,14 +282,14 @@ def main() -> None:
     features = [dpo.tokenize_row(r) for r in rewardbench_rows(rb_tok, rows)]
     pairs = [compat_pairs(f) for f in features]
     report: dict = {"pairs": len(rows), "threads": torch.get_num_threads(), "cpu": platform.processor(), "device":
-                    torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                    "gemm_peak_gflop_s": dict(peaks), "sides": {}}  # fmt: skip
+                    torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "sides": {}}  # fmt: skip
 
-    def record(name: str, seconds: float, flops: tuple[float, float], peak: str, rewards, baseline=None) -> None:
+    def record(name: str, timing: dict, flops: tuple[float, float], peak: str, rewards, baseline=None) -> None:
         matmul, attention = flops
-        entry = {"seconds": seconds, "pairs_per_s": len(rows) / seconds, "gflop": matmul / 1e9,
+        seconds = timing["seconds"]
+        entry = {**timing, "pairs_per_s": len(rows) / seconds, "gflop": matmul / 1e9,
                  "attention_gflop": attention / 1e9, "peak": peak, "rewards": rewards}  # fmt: skip
-        _set_mfu(entry, peaks)
+        _set_mfu(entry)
         if baseline is not None:
             diffs = sorted(
                 abs(a - b) for x, y in zip(rewards, baseline, strict=True) for a, b in ((x[0], y[0]), (x[1], y[1]))
@@ -265,28 +307,28 @@ def main() -> None:
             else ""
         )
         print(f"{name:<22} {seconds:8.1f} s  {entry['pairs_per_s']:6.3f} pairs/s  MFU {entry['mfu']:6.1%} "
-              f"(+attn {entry['mfu_with_attention']:6.1%}){extra}")  # fmt: skip
+              f"(+attn {entry['mfu_with_attention']:6.1%} of {entry['peak_gflop_s']:.0f}){extra}")  # fmt: skip
         if baseline:
             print("    same decision where |fp32 margin| >", json.dumps(entry["decisions_equal_by_margin"]))
 
     rb_best = None
     if "rewardbench" not in skip:
         for bs in map(int, args.rb_batch_sizes.split(",")):
-            seconds, rewards = time_rewardbench(dpo, features, bs, rb_tok.pad_token_id)
-            record(f"rewardbench bs={bs}", seconds, rewardbench_flops(fp32["policy"], features), "fp32", rewards)
-            if rb_best is None or seconds < report["sides"][rb_best]["seconds"]:
+            timing, rewards = time_rewardbench(dpo, features, bs, rb_tok.pad_token_id, device)
+            record(f"rewardbench bs={bs}", timing, rewardbench_flops(fp32["policy"], features), "fp32", rewards)
+            if rb_best is None or timing["seconds"] < report["sides"][rb_best]["seconds"]:
                 rb_best = f"rewardbench bs={bs}"
     baseline = report["sides"][rb_best]["rewards"] if rb_best else None
 
     scorer = RewardModel(fp32["policy"], fp32["reference"], tokenizer, args.beta, ref_cache_size=0)
-    seconds, rewards = time_dporm(scorer, pairs, args.batch_pairs)
+    timing, rewards = time_dporm(scorer, pairs, args.batch_pairs)
     unscaled = [(a / args.beta, b / args.beta) for a, b in rewards]
-    record("dporm fp32", seconds, dporm_flops(fp32["policy"], pairs), "fp32", unscaled, baseline)
+    record("dporm fp32", timing, dporm_flops(fp32["policy"], pairs), "fp32", unscaled, baseline)
     fp32_rewards = unscaled
     if "own" not in skip:
         own = [tuple(scorer.encode(r["prompt"], r[k]) for k in ("chosen", "rejected")) for r in rows]
-        seconds, rewards = time_dporm(scorer, own, args.batch_pairs)
-        record("dporm fp32 own-encoding", seconds, dporm_flops(fp32["policy"], own), "fp32",
+        timing, rewards = time_dporm(scorer, own, args.batch_pairs)
+        record("dporm fp32 own-encoding", timing, dporm_flops(fp32["policy"], own), "fp32",
                [(a / args.beta, b / args.beta) for a, b in rewards])  # fmt: skip
     del scorer, fp32, dpo
     for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed"), ("paired", "bf16-paired")):
@@ -295,24 +337,19 @@ def main() -> None:
         paired, weights = dtype == "bf16-paired", "float32" if dtype == "bf16-paired" else dtype
         pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
         low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
-        seconds, rewards = time_dporm(low, pairs, args.batch_pairs)
-        record(f"dporm {dtype}", seconds, dporm_flops(low.policy, pairs), "bf16",
+        timing, rewards = time_dporm(low, pairs, args.batch_pairs, "bf16")
+        record(f"dporm {dtype}", timing, dporm_flops(low.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
         del low
     if args.delta_artifact:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.
         delta = load_reward_model(args.delta_artifact, dtype="bf16", device=device, ref_cache_size=0)
-        seconds, rewards = time_dporm(delta, pairs, args.batch_pairs)
-        record("dporm bf16 delta artifact", seconds, dporm_flops(delta.policy, pairs), "bf16",
+        timing, rewards = time_dporm(delta, pairs, args.batch_pairs, "bf16")
+        record("dporm bf16 delta artifact", timing, dporm_flops(delta.policy, pairs), "bf16",
                [(a / delta.beta, b / delta.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
-    # A shared VM's sustained GEMM rate drifts: MFU is judged against the higher of the readings before and after.
     after = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
     report["gemm_peak_readings"] = {"before": dict(peaks), "after": after}
-    report["gemm_peak_gflop_s"] = peaks = {k: max(v, after[k]) for k, v in peaks.items()}
-    print(f"GEMM peak after: fp32 {after['fp32']:.0f} bf16 {after['bf16']:.0f} GFLOP/s; MFU against the higher:")
-    for name, side in report["sides"].items():
-        _set_mfu(side, peaks)
-        print(f"    {name:<26} MFU {side['mfu']:6.1%} (+attn {side['mfu_with_attention']:6.1%}), {side['peak']} peak")
+    print(f"GEMM peak after: fp32 {after['fp32']:.0f} bf16 {after['bf16']:.0f} GFLOP/s (MFU uses each side's samples)")
     if rb_best:
         for side in report["sides"].values():
             side["speedup_vs_rewardbench_best"] = report["sides"][rb_best]["seconds"] / side["seconds"]
