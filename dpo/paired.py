@@ -37,6 +37,7 @@ from dpo.errors import DpormError
 from dpo.logprobs import (
     PACK_TOKENS,
     SequenceLogprobs,
+    _lora_head,
     _separable_head,
     collect,
     group_work,
@@ -65,17 +66,40 @@ def paired_support(model) -> str | None:
     if head is None or head.lora or head.bias is not None:
         return f"{PAIRED} needs a plain linear LM head without a bias"
     decoder = model.get_decoder()
+    if type(decoder.embed_tokens) is not torch.nn.Embedding:
+        return f"{PAIRED} needs plain token embeddings (no adapter on them)"
     for layer in decoder.layers:
         attn, mlp = layer.self_attn, layer.mlp
         names = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         names += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(m) is not torch.nn.Linear for m in names) or hasattr(attn, "q_norm"):
-            return f"{PAIRED}: {type(layer).__name__} is not a Llama-style layer (plain q/k/v/o and gate/up/down)"
+        if any(_lora_factors(m) is None for m in names) or hasattr(attn, "q_norm"):
+            return (f"{PAIRED}: {type(layer).__name__} is not a Llama-style layer (plain q/k/v/o and gate/up/down, "
+                    "or plain LoRA on them)")  # fmt: skip
     return None
+
+
+def _lora_factors(module) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor] | None:
+    """``(base linear, B, A)``: a PEFT LoRA layer computes ``base(x) + x·(B·A)ᵀ``, B with its scalings folded in.
+
+    A plain linear map has rank-0 factors; None for anything else (DoRA, LoRA biases, dropout in training).
+    """
+    if type(module) is torch.nn.Linear:
+        return module, module.weight.new_zeros(module.out_features, 0), module.weight.new_zeros(0, module.in_features)
+    head = _lora_head(module) if hasattr(module, "lora_A") and not module.merged else None
+    if head is None:
+        return None
+    k = module.base_layer.in_features
+    down = [a for a, _ in head.lora]
+    return module.base_layer, head.weight[:, k:], torch.cat(down) if down else head.weight.new_zeros(0, k)
 
 
 LOW_RANK_TOLERANCE = 2.0**-11  # relative Frobenius error of ΔW ≈ B·A: below ΔW's own bf16 rounding (~2^-9/√3)
 MAX_LOW_RANK = 256  # the largest rank looked for (a sketch this wide costs three GEMMs of ΔW's size)
+
+
+def rank_cap(n: int, k: int) -> int:
+    """The largest rank r whose extra GEMM ``x_π·Aᵀ`` pays for itself in an [N, K] map (see :func:`low_rank_delta`)."""
+    return min(n * k // (2 * (n + k)), min(n, k) // 2, MAX_LOW_RANK)
 
 
 def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -94,7 +118,7 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     if norm == 0:
         return delta.new_zeros(n, 0), delta.new_zeros(0, k)
-    cap = min(n * k // (2 * (n + k)), min(n, k) // 2, MAX_LOW_RANK)
+    cap = rank_cap(n, k)
     g = torch.Generator(device=delta.device).manual_seed(0)
     omega = torch.randn(k, min(cap + 8, min(n, k)), generator=g, device=delta.device, dtype=delta.dtype)
     basis, _ = torch.linalg.qr(delta @ omega)
@@ -111,25 +135,53 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     return b, a
 
 
+def _balanced(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product B·A as an SVD factors it (orthogonal columns of B, orthonormal rows of A).
+
+    An adapter's raw factors can cancel between their rank-1 terms, which amplifies the bf16
+    rounding of ``x_π·Aᵀ`` and B (measured on a toy adapter: mean reward error 0.009 raw, 0.005 balanced).
+    """
+    if b.shape[1] == 0:
+        return b, a
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    return qb @ (u * s), vh @ qa.t()
+
+
 class _Linear:
     """One paired linear map: ``y_ref`` and ``y_π − y_ref`` from the GEMM inputs of :func:`paired_ops.gemm_inputs`.
 
     With a low-rank delta ΔW = B·A (:func:`low_rank_delta`) the difference GEMM is
-    ``[x_π − x_ref, x_π·Aᵀ] [W_ref, B]ᵀ``, K + r wide instead of 2K.
+    ``[x_π − x_ref, x_π·Aᵀ] [W_ref, B]ᵀ``, K + r wide instead of 2K. When ``pols`` are ``refs``
+    themselves, the policy is a PEFT adapter over the reference: W_ref is the base weight and B, A
+    are the adapter's own factors (rank 0 for a map it leaves alone); no merged copy exists.
     """
 
-    def __init__(self, refs: Sequence[torch.nn.Linear], pols: Sequence[torch.nn.Linear], dtype: torch.dtype):
+    def __init__(self, refs: Sequence, pols: Sequence, dtype: torch.dtype):
         # Several maps of the same input (q, k, v; gate, up) are one GEMM: weights concatenated along N.
-        w_ref = torch.cat([m.weight.detach() for m in refs]).float()
-        delta = torch.cat([m.weight.detach() for m in pols]).float() - w_ref
+        parts = [_lora_factors(m) for m in refs]
+        bases = [base for base, _, _ in parts]
+        w_ref = torch.cat([m.weight.detach() for m in bases]).float()
         self.k = w_ref.shape[1]
-        factors = low_rank_delta(delta)
-        self.down = None if factors is None else factors[1].to(dtype)  # A [r, K]
+        if all(p is r for p, r in zip(pols, refs, strict=True)):  # adapter: stack each map's factors along r
+            b, a = _balanced(torch.block_diag(*[b.detach().float() for _, b, _ in parts]),
+                             torch.cat([a.detach().float() for _, _, a in parts]))  # fmt: skip
+            n, r = b.shape
+            factors = (b, a) if r <= rank_cap(n, self.k) else None
+            delta = b @ a if factors is None else None
+            pol_bases = bases
+        else:
+            pol_bases = list(pols)
+            delta = torch.cat([m.weight.detach() for m in pol_bases]).float() - w_ref
+            factors = low_rank_delta(delta)
+        # A [r, K], stored as a contiguous Aᵀ: x_π·Aᵀ is then a plain row-major GEMM, whichever way A was found
+        self.down = None if factors is None else factors[1].t().to(dtype).contiguous().t()
         right = delta if factors is None else factors[0]
         self.weight = torch.cat([w_ref, right], dim=1).to(dtype)  # [N, 2K]: [W_ref, ΔW], or [N, K + r]: [W_ref, B]
-        if refs[0].bias is not None:
-            b_ref = torch.cat([m.bias.detach() for m in refs]).float()
-            self.bias, self.bias_delta = b_ref, torch.cat([m.bias.detach() for m in pols]).float() - b_ref
+        if bases[0].bias is not None:
+            b_ref = torch.cat([m.bias.detach() for m in bases]).float()
+            self.bias, self.bias_delta = b_ref, torch.cat([m.bias.detach() for m in pol_bases]).float() - b_ref
         else:
             self.bias = self.bias_delta = None
 

@@ -107,9 +107,13 @@ class RewardModel:
             from dpo.models import PAIRED
             from dpo.paired import PairedModel
 
-            if not isinstance(reference, torch.nn.Module):
-                raise DpormError(f"{PAIRED} needs a separate reference model (not reference-free, not an adapter)")
-            self.paired = PairedModel(policy, reference)
+            if reference == "adapter":  # π_ref is the base, π its adapter's factors: no merged copy
+                base = policy.get_base_model()
+                self.paired = PairedModel(base, base)
+            elif isinstance(reference, torch.nn.Module):
+                self.paired = PairedModel(policy, reference)
+            else:
+                raise DpormError(f"{PAIRED} needs a reference model (this one is reference-free)")
             self.ref_cache = ReferenceCache(0)  # the paired pass computes the reference anyway: nothing to cache
 
     @property
@@ -321,12 +325,13 @@ def load_reward_model(
             _check_tokenizers(policy_path, reference_path, trust_remote_code)
         base = load_model(reference_path, **load)
         ref_hash = weights_hash(base)
-        if paired:  # the paired pass needs the policy's own weights: base + adapter, merged into a second copy
+        policy_model, ref_model = load_adapter(base, policy_path, allow_pickle), "adapter"
+        from dpo.paired import paired_support
+
+        if paired and paired_support(policy_model.get_base_model()) is not None:
+            # DoRA, adapted embeddings or head: the paired pass needs the policy's own weights, merged into a copy
+            ref_model = load_model(reference_path, **load)
             policy_model = load_merged_adapter(load_model(reference_path, **load), policy_path, allow_pickle)
-            ref_model = base
-        else:
-            policy_model = load_adapter(base, policy_path, allow_pickle)
-            ref_model = "adapter"
     else:
         if reference_path:
             _check_tokenizers(policy_path, reference_path, trust_remote_code)

@@ -98,27 +98,55 @@ def test_delta_of_an_adapter_policy_over_tied_embeddings(tmp_path, smollm_tokeni
     assert rewards(load_reward_model(str(tmp_path / "d"), device="cpu")) == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
-def test_bf16_paired_runs_an_adapter_policy_at_its_rank(adapter, monkeypatch):
-    """The merged LoRA delta is found low-rank: the difference GEMMs are K + r wide, the head's K (unchanged)."""
-    from dpo import paired
+def test_bf16_paired_runs_an_adapter_policy_from_its_factors(adapter, monkeypatch):
+    """No merged copy: W_ref is the base weight and B, A the adapter's own; the difference GEMMs are K + r wide.
 
-    def errors(dtype: str) -> torch.Tensor:
-        model = load_reward_model(policy=adapter["adapter"], reference=adapter["reference"], beta=0.5,
-                                  device="cpu", dtype=dtype)  # fmt: skip
-        got = [r.reward for r in model.score(prompts, responses)]
-        return model, (torch.tensor(got) - torch.tensor(want)).abs()
+    As accurate as the merged policy through the same pass, its delta found low-rank or kept dense.
+    """
+    from dpo import paired
+    from dpo.lora import is_peft_model
 
     words = ["the", "moon", "is", "a", "rock", "that", "orbits", "earth", "and", "has", "no", "air", "at", "all"]
     prompts = ["Tell me one fact about the moon.", "What is the moon?"] * 6
     responses = [" ".join(words[i : i + 2 + i % 5]) for i in range(12)]
+
+    def errors(policy: str, dtype: str):
+        model = load_reward_model(policy=policy, reference=adapter["reference"], beta=0.5, device="cpu", dtype=dtype)
+        got = [r.reward for r in model.score(prompts, responses)]
+        return model, (torch.tensor(got) - torch.tensor(want)).abs()
+
     exact = load_reward_model(policy=adapter["merged"], reference=adapter["reference"], beta=0.5, device="cpu")
     want = [r.reward for r in exact.score(prompts, responses)]
-    model, low_rank = errors("bf16-paired")
+    model, factored = errors(adapter["adapter"], "bf16-paired")
+    assert model.reference == "adapter" and is_peft_model(model.policy)  # one copy of the base weights
     layer = model.paired.layers[0]
     assert (layer.qkv.rank, layer.o.rank, layer.gate_up.rank, layer.down.rank) == (6, 2, 4, 2)  # LoRA r = 2
     assert model.paired.head.paired.rank == 0
+    merged, found = errors(adapter["merged"], "bf16-paired")  # the same delta, found by low_rank_delta
+    assert merged.paired.layers[0].qkv.rank == 6
     monkeypatch.setattr(paired, "low_rank_delta", lambda delta: None)
-    _, dense = errors("bf16-paired")  # the 2K-wide differences of a full fine-tune
+    _, dense = errors(adapter["merged"], "bf16-paired")  # the 2K-wide differences of a full fine-tune
     # This toy adapter changes the model a lot (B ~ 0.5): bf16-level errors either way, of like size
     # (measured: mean 0.005 low-rank, 0.008 dense; max 0.015 and 0.049).
-    assert low_rank.mean() < 2 * dense.mean() and low_rank.max() < 0.1, (low_rank, dense)
+    assert torch.allclose(factored, found, atol=1e-3)  # balanced factors: as good as the SVD's (measured: equal)
+    for err in (factored, found):
+        assert err.mean() < 2 * dense.mean() and err.max() < 0.1, (err, dense)
+
+
+def test_bf16_paired_merges_an_adapter_it_cannot_run_from_factors(tmp_path, smollm_tokenizer):
+    """An adapter on the LM head (or embeddings, DoRA): the pass falls back to a merged copy of the policy."""
+    from dpo.lora import apply_lora
+
+    tok = smollm_tokenizer
+    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)  # noqa: E731
+    peft = apply_lora(base(), r=2, targets="q_proj,lm_head")
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    peft.save_pretrained(tmp_path / "adapter")
+    ref = _save(base(), tok, tmp_path / "reference")
+    want = rewards(load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, device="cpu"))
+    model = load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, dtype="bf16-paired")
+    assert isinstance(model.reference, torch.nn.Module) and model.paired.head.paired.rank == 2
+    assert rewards(model) == pytest.approx(want, abs=0.05)

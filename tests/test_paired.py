@@ -201,7 +201,7 @@ def test_unsupported_models_and_setups_are_refused(pair, smollm_tokenizer):
     assert "bias" in paired_support(biased)
     with pytest.raises(DpormError, match="architectures"):
         PairedModel(make_tiny_llama(**(SIZE | {"num_hidden_layers": 2})), reference)
-    with pytest.raises(DpormError, match="separate reference"):
+    with pytest.raises(DpormError, match="reference-free"):
         RewardModel(policy, None, smollm_tokenizer, beta=0.1, paired=True)
     with pytest.raises(DpormError, match="with its reference"):
         load_model("unused", dtype="bf16-paired")
