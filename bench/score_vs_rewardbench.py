@@ -8,7 +8,7 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
     dporm bf16    the same with bf16 weights (log-softmax stays fp32)
     bf16-mixed    bf16 decoder matmuls under autocast; residual stream, norms, LM head in fp32
     bf16-paired   both models in one pass, the policy as the reference plus an fp32 difference (dpo.paired);
-                  with a LoRA policy (an adapter dir as --policy) its difference GEMMs run at the delta's rank
+                  with a LoRA policy (an adapter dir as --policy) it runs from the adapter's factors, as dporm does
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
@@ -335,8 +335,12 @@ def main() -> None:
         if side in skip:
             continue
         paired, weights = dtype == "bf16-paired", "float32" if dtype == "bf16-paired" else dtype
-        pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
-        low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
+        if paired and is_adapter_dir(args.policy):  # as dporm runs it: from the adapter's factors, nothing merged
+            low = load_reward_model(policy=args.policy, reference=reference, beta=args.beta, dtype=dtype,
+                                    device=device, ref_cache_size=0)  # fmt: skip
+        else:
+            pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
+            low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
         timing, rewards = time_dporm(low, pairs, args.batch_pairs, "bf16")
         record(f"dporm {dtype}", timing, dporm_flops(low.policy, pairs), "bf16",
                [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip

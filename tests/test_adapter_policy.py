@@ -78,19 +78,23 @@ def test_extract_refuses_an_adapter_whose_tokenizer_differs(adapter, tmp_path, c
     one_line_error(capsys, "chat templates differ")
 
 
-def test_delta_of_an_adapter_policy_over_tied_embeddings(tmp_path, smollm_tokenizer):
-    """The merged policy is untied (its head has its own copy), the reference tied: still one architecture."""
+def _head_adapter(tmp_path, tok, scale: float, seed: int, **config) -> str:
+    """A rank-2 LoRA adapter on q_proj and the LM head, saved at ``tmp_path/adapter``; returns the reference dir."""
     from dpo.lora import apply_lora
 
-    tok = smollm_tokenizer
-    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True)  # noqa: E731
+    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512, **config)  # noqa: E731
     peft = apply_lora(base(), r=2, targets="q_proj,lm_head")
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+                p.copy_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
     peft.save_pretrained(tmp_path / "adapter")
-    ref = _save(base(), tok, tmp_path / "reference")
+    return _save(base(), tok, tmp_path / "reference")
+
+
+def test_delta_of_an_adapter_policy_over_tied_embeddings(tmp_path, smollm_tokenizer):
+    """The merged policy is untied (its head has its own copy), the reference tied: still one architecture."""
+    ref = _head_adapter(tmp_path, smollm_tokenizer, scale=0.5, seed=4, tie_word_embeddings=True)
     assert extract(str(tmp_path / "adapter"), ref, tmp_path / "d", "--delta-rank", "2") == 0
     exact = load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, device="cpu")
     want = rewards(exact)
@@ -135,17 +139,7 @@ def test_bf16_paired_runs_an_adapter_policy_from_its_factors(adapter, monkeypatc
 
 def test_bf16_paired_merges_an_adapter_it_cannot_run_from_factors(tmp_path, smollm_tokenizer):
     """An adapter on the LM head (or embeddings, DoRA): the pass falls back to a merged copy of the policy."""
-    from dpo.lora import apply_lora
-
-    tok = smollm_tokenizer
-    base = lambda: make_tiny_llama(vocab_size=len(tok), max_position_embeddings=512)  # noqa: E731
-    peft = apply_lora(base(), r=2, targets="q_proj,lm_head")
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
-    peft.save_pretrained(tmp_path / "adapter")
-    ref = _save(base(), tok, tmp_path / "reference")
+    ref = _head_adapter(tmp_path, smollm_tokenizer, scale=0.1, seed=5)
     want = rewards(load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, device="cpu"))
     model = load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, dtype="bf16-paired")
     assert isinstance(model.reference, torch.nn.Module) and model.paired.head.paired.rank == 2
