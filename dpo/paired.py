@@ -135,6 +135,12 @@ def low_rank_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     return b, a
 
 
+def _effective(base: torch.nn.Linear, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The float32 weight a (possibly LoRA-adapted) linear map computes with: ``W + B·A``."""
+    weight = base.weight.detach().float()
+    return weight + b.detach().float() @ a.detach().float() if b.shape[1] else weight
+
+
 def _balanced(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same product B·A as an SVD factors it (orthogonal columns of B, orthonormal rows of A).
 
@@ -162,18 +168,21 @@ class _Linear:
         # Several maps of the same input (q, k, v; gate, up) are one GEMM: weights concatenated along N.
         parts = [_lora_factors(m) for m in refs]
         bases = [base for base, _, _ in parts]
-        w_ref = torch.cat([m.weight.detach() for m in bases]).float()
-        self.k = w_ref.shape[1]
         if all(p is r for p, r in zip(pols, refs, strict=True)):  # adapter: stack each map's factors along r
+            w_ref = torch.cat([m.weight.detach() for m in bases]).float()
+            self.k = w_ref.shape[1]
             b, a = _balanced(torch.block_diag(*[b.detach().float() for _, b, _ in parts]),
                              torch.cat([a.detach().float() for _, _, a in parts]))  # fmt: skip
             n, r = b.shape
             factors = (b, a) if r <= rank_cap(n, self.k) else None
             delta = b @ a if factors is None else None
             pol_bases = bases
-        else:
-            pol_bases = list(pols)
-            delta = torch.cat([m.weight.detach() for m in pol_bases]).float() - w_ref
+        else:  # two models: each map's own weight (an adapted one's base + B·A), then their difference
+            pol_parts = [_lora_factors(m) for m in pols]
+            pol_bases = [base for base, _, _ in pol_parts]
+            w_ref, w_pol = (torch.cat([_effective(*part) for part in ps]) for ps in (parts, pol_parts))
+            self.k = w_ref.shape[1]
+            delta = w_pol - w_ref
             factors = low_rank_delta(delta)
         # A [r, K], stored as a contiguous Aᵀ: x_π·Aᵀ is then a plain row-major GEMM, whichever way A was found
         self.down = None if factors is None else factors[1].t().to(dtype).contiguous().t()

@@ -144,3 +144,17 @@ def test_bf16_paired_merges_an_adapter_it_cannot_run_from_factors(tmp_path, smol
     model = load_reward_model(policy=str(tmp_path / "adapter"), reference=ref, beta=0.5, dtype="bf16-paired")
     assert isinstance(model.reference, torch.nn.Module) and model.paired.head.paired.rank == 2
     assert rewards(model) == pytest.approx(want, abs=0.05)
+
+
+def test_bf16_paired_takes_a_peft_policy_beside_a_separate_reference(adapter, smollm_tokenizer):
+    """A LoRA-wrapped policy object with its own reference model: the pass uses its adapted weights (base + B·A)."""
+    from dpo.lora import load_adapter
+    from dpo.models import load_model
+    from dpo.scorer import RewardModel
+
+    reference = load_model(adapter["reference"])
+    wrapped = load_adapter(load_model(adapter["reference"]), adapter["adapter"])
+    got = rewards(RewardModel(wrapped, reference, smollm_tokenizer, beta=0.5, paired=True))
+    want = rewards(RewardModel(load_model(adapter["merged"]), reference, smollm_tokenizer, beta=0.5, paired=True))
+    assert max(abs(r) for r in want) > 1e-2
+    assert got == pytest.approx(want, abs=1e-3)
