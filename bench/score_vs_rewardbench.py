@@ -4,11 +4,13 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
 (default: SmolLM2-135M-Instruct) and reports, in one run on one machine:
 
     rewardbench   DPOInference.inference_step (PyPI ``rewardbench``, its dpo module only), fp32, per batch size
-    dporm fp32    RewardModel.score_encoded (the code ``dporm score`` and the server run) on the same token ids
+    dporm fp32    RewardModel.score_groups (the code ``dporm score`` and ``dporm eval`` run) on the same token ids
     dporm bf16    the same with bf16 weights (log-softmax stays fp32)
     bf16-mixed    bf16 decoder matmuls under autocast; residual stream, norms, LM head in fp32
     bf16-paired   both models in one pass, the policy as the reference plus an fp32 difference (dpo.paired);
                   with a LoRA policy (an adapter dir as --policy) it runs from the adapter's factors, as dporm does
+    +recheck      the same, then pairs within --recheck nats of a tie rescored by the float32 models, as
+                  ``dporm score``/``dporm eval`` do by default (RewardModel.score_groups)
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
@@ -41,6 +43,7 @@ from dpo.data import read_records
 from dpo.default_model import pull_default_model
 from dpo.encoding import Encoded
 from dpo.lora import is_adapter_dir, load_merged_adapter
+from dpo.manifest import RECHECK_NATS
 from dpo.models import load_model, load_tokenizer
 from dpo.scorer import RewardModel, load_reward_model
 
@@ -186,20 +189,24 @@ def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int, de
     return side.finish(), rewards
 
 
-def time_dporm(model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int, peak: str = "fp32"):
-    """(timing of :meth:`TimedSide.finish`, rewards) of scoring every pair, after one untimed warm-up batch.
+def time_dporm(
+    model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int, peak: str = "fp32", recheck: float = 0
+):
+    """(timing of :meth:`TimedSide.finish` with ``rechecked`` pairs, rewards) of scoring every pair, after one
+    untimed warm-up batch. ``RewardModel.score_groups``, as ``dporm score`` and ``dporm eval`` run it.
 
     bf16-paired compiles its fused steps in the warm-up.
     """
     warm = time.perf_counter()
-    model.score_encoded([s for pair in pairs[:batch_pairs] for s in pair])
+    model.score_groups(pairs[:batch_pairs])
     print(f"    warm-up (one batch, first call) {time.perf_counter() - warm:.1f} s")
-    rewards = []
+    rewards, rechecked = [], 0
     side = TimedSide(peak, str(model.device))
     for i in range(0, len(pairs), batch_pairs):
-        out = side.run(model.score_encoded, [s for pair in pairs[i : i + batch_pairs] for s in pair])
-        rewards += [(out[j].reward, out[j + 1].reward) for j in range(0, len(out), 2)]
-    return side.finish(), rewards
+        out = side.run(model.score_groups, pairs[i : i + batch_pairs], None, False, False, recheck)
+        rewards += [(a.reward, b.reward) for a, b in out]
+        rechecked += sum(a.rechecked for a, _ in out)
+    return side.finish() | {"rechecked": rechecked}, rewards
 
 
 def compat_pairs(feature: dict) -> tuple[Encoded, Encoded]:
@@ -258,7 +265,10 @@ def main() -> None:
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per dporm scoring call")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, try --batch-pairs 32 --rb-batch-sizes 1,8)")
     p.add_argument("--delta-artifact", help="also score in bf16 with this dporm extract --delta-rank artifact")
-    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,paired,own")
+    p.add_argument("--skip", default="", help="comma-separated sides to skip: rewardbench,bf16,mixed,paired,"
+                   "recheck,own")  # fmt: skip
+    p.add_argument("--recheck", type=float, default=RECHECK_NATS,
+                   help="the recheck side's tolerance, nats of log-ratio per reward (dporm's default)")  # fmt: skip
     p.add_argument("--output", default=str(ROOT / "bench/results/score_vs_rewardbench.json"))
     args = p.parse_args()
     keep_freed_memory()  # as the dporm command does (dpo.allocator); every side of the comparison gets it
@@ -341,9 +351,15 @@ def main() -> None:
         else:
             pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
             low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
-        timing, rewards = time_dporm(low, pairs, args.batch_pairs, "bf16")
-        record(f"dporm {dtype}", timing, dporm_flops(low.policy, pairs), "bf16",
-               [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
+        runs = [("", 0.0)]
+        if paired and "recheck" not in skip:
+            runs.append((f" recheck {args.recheck:g}", args.recheck))
+        for suffix, recheck in runs:  # recheck: the same model, close pairs rescored by its float32 models
+            timing, rewards = time_dporm(low, pairs, args.batch_pairs, "bf16", recheck)
+            if recheck:
+                print(f"    {timing['rechecked']} pair(s) within {recheck:g} nats of a tie each rescored in float32")
+            record(f"dporm {dtype}{suffix}", timing, dporm_flops(low.policy, pairs), "bf16",
+                   [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
         del low
     if args.delta_artifact:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.

@@ -80,14 +80,15 @@ def mode_score(
 class OfflineBackend:
     """Scores with an in-process :class:`RewardModel`, dporm's encoding or RewardBench's (``compat``)."""
 
-    def __init__(self, model: RewardModel, mode: ScoreMode, compat: bool = False, max_length: int | None = None):
+    def __init__(self, model: RewardModel, mode: ScoreMode, compat: bool = False, max_length: int | None = None,
+                 recheck: float = 0.0):  # fmt: skip
         if mode.reference_free and mode.norm not in REF_FREE_NORMS:
             raise DpormError(f"--ref-free-norm must be one of {', '.join(REF_FREE_NORMS)}, got {mode.norm!r}")
         if not mode.reference_free and not model.has_reference:
             raise DpormError("the model has no reference: pass --reference-free")
         if mode.reference_free and mode.norm == "norm" and model.beta <= 0:
             raise DpormError("the norm mode needs β > 0")
-        self.model, self.mode, self.compat = model, mode, compat
+        self.model, self.mode, self.compat, self.recheck = model, mode, compat, recheck
         if max_length is not None:
             context = model.context_length
             if context is not None and max_length > context:
@@ -96,8 +97,9 @@ class OfflineBackend:
 
     def describe(self) -> dict:
         info = {k: self.model.info.get(k) for k in ("policy", "reference", "policy_sha256", "reference_sha256")}
+        recheck = self.recheck if self.model.paired is not None and not self.mode.reference_free else None
         return {**info, "name": self.model.name, "beta": self.model.beta, "max_length": self.model.max_length,
-                "dtype": self.model.precision}  # fmt: skip
+                "dtype": self.model.precision, "recheck": recheck}  # fmt: skip
 
     def encode(self, group: Group):
         if self.compat:
@@ -112,23 +114,20 @@ class OfflineBackend:
                 encoded.append(self.encode(g))
             except EncodingError as e:
                 encoded.append(str(e))
-        seqs = [s for e in encoded if not isinstance(e, str) for s in e]
-        results = self.model.score_encoded(
-            seqs, "sum", self.mode.reference_free, token_rewards=self.mode.reference_free and self.mode.norm == "norm"
-        )
+        scored = self.model.score_groups(
+            [e for e in encoded if not isinstance(e, str)], "sum", self.mode.reference_free,
+            token_rewards=self.mode.reference_free and self.mode.norm == "norm", recheck=self.recheck,
+        )  # fmt: skip
         out: list[list[ResponseScore] | str] = []
-        i = 0
         for e in encoded:
             if isinstance(e, str):
                 out.append(e)
                 continue
             row = []
-            for seq in e:
-                r = results[i]
+            for seq, r in zip(e, scored.pop(0), strict=True):
                 value = mode_score(
                     self.mode, r.reward, r.logp_policy, r.response_tokens, r.token_rewards, self.model.beta
                 )
                 row.append(ResponseScore(value, r.response_tokens, seq.truncated))
-                i += 1
             out.append(row)
         return out

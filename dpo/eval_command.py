@@ -14,15 +14,21 @@ from pathlib import Path
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
 from dpo.eval_runner import SCORES_FILE, Row, digest, run_rows
-from dpo.manifest import DTYPE_HELP
+from dpo.manifest import DTYPE_HELP, RECHECK_NATS, add_recheck_argument
 
 DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "train"}
-OFFLINE_ONLY = {"dtype": "float32", "device": "auto", "allow_pickle": False, "trust_remote_code": False}
+OFFLINE_ONLY = {
+    "dtype": "float32",
+    "device": "auto",
+    "allow_pickle": False,
+    "trust_remote_code": False,
+    "recheck": RECHECK_NATS,
+}
 
 
 def _check_args(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
-    require_at_least(args, ("max_retries",), 0)
+    require_at_least(args, ("max_retries", "recheck"), 0)
     if args.timeout <= 0:
         raise DpormError(f"--timeout must be positive, got {args.timeout:g}")
     require_writable(args.output, parents=True, directory=True)
@@ -62,7 +68,7 @@ def make_backend(args: argparse.Namespace, mode: ScoreMode):
     beta = args.beta if args.beta is not None or not (args.reference_free and args.policy) else 1.0
     model = load_reward_model(args.artifact, args.policy, args.reference, beta, args.dtype, args.device,
                               args.trust_remote_code, args.allow_pickle)  # fmt: skip
-    return OfflineBackend(model, mode, getattr(args, "rewardbench_compat", False), args.max_length)
+    return OfflineBackend(model, mode, getattr(args, "rewardbench_compat", False), args.max_length, args.recheck)
 
 
 def _prompt(value: object) -> object:
@@ -160,7 +166,9 @@ def run_eval(args: argparse.Namespace) -> dict:
         "data_sha256": data_hash,
         "mode": {"reference_free": mode.reference_free, "norm": mode.norm if mode.reference_free else None},
         "rewardbench_compat": bool(getattr(args, "rewardbench_compat", False)),
-        "model": {k: model.get(k) for k in ("policy_sha256", "reference_sha256", "beta", "max_length", "dtype")},
+        "model": {
+            k: model.get(k) for k in ("policy_sha256", "reference_sha256", "beta", "max_length", "dtype", "recheck")
+        },
     }
     output = Path(args.output)
     load_seconds = time.perf_counter() - started
@@ -217,6 +225,7 @@ def _common(p: argparse.ArgumentParser, benchmark: str) -> None:
         default="float32",
         help=DTYPE_HELP,
     )
+    add_recheck_argument(p)
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
     p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")

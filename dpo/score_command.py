@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
-from dpo.manifest import DTYPE_HELP
+from dpo.manifest import DTYPE_HELP, add_recheck_argument
 from dpo.models import resolve_device, resolve_dtype
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
@@ -30,6 +30,7 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 def run_score(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
+    require_at_least(args, ("recheck",), 0)
     resolve_dtype(args.dtype), resolve_device(args.device)  # bad names fail before any work
     if args.output:
         require_writable(args.output)
@@ -67,15 +68,13 @@ def run_score(args: argparse.Namespace) -> None:
         raise DpormError("no record could be encoded")
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(Path(args.output).open("w")) if args.output else None
-        wins = ties = pairs = 0
+        wins = ties = pairs = rechecked = 0
         bar = tqdm(total=len(usable), desc="score", unit="row")
         for start in range(0, len(usable), args.batch_size):
-            chunk = [rows[i] for i in usable[start : start + args.batch_size]]
-            seqs = [seq for i in usable[start : start + args.batch_size] for seq in encoded[i]]
-            results = model.score_encoded(seqs, None, args.reference_free)
-            for j in range(len(chunk)):
-                part = results[j * len(kind) : (j + 1) * len(kind)]
-                record = {"row": usable[start + j] + 1}
+            chunk = usable[start : start + args.batch_size]
+            results = model.score_groups([encoded[i] for i in chunk], None, args.reference_free, recheck=args.recheck)
+            for j, part in enumerate(results):
+                record = {"row": chunk[j] + 1}
                 for f, r in zip(kind, part, strict=True):
                     record[f"reward_{f}"] = r.reward
                     record[f"logp_policy_{f}"], record[f"logp_ref_{f}"] = r.logp_policy, r.logp_ref
@@ -84,6 +83,9 @@ def run_score(args: argparse.Namespace) -> None:
                     margin = part[0].reward - part[1].reward
                     record["margin"], pairs = margin, pairs + 1
                     wins, ties = wins + (margin > 0), ties + (margin == 0)
+                if model.paired is not None:
+                    record["rechecked"] = part[0].rechecked
+                    rechecked += part[0].rechecked
                 if out:
                     out.write(json.dumps(record) + "\n")
             bar.update(len(chunk))
@@ -91,6 +93,8 @@ def run_score(args: argparse.Namespace) -> None:
     if pairs:
         low, high = wilson_interval(wins, pairs)
         print(f"pairs {pairs}  accuracy {wins / pairs:.4f} (95% CI {low:.4f}-{high:.4f})  ties {ties}")
+        if model.paired is not None:
+            print(f"{rechecked} close pair(s) rescored in float32 (--recheck {args.recheck:g})")
     print(f"scored {len(usable)} record(s)" + (f" -> {args.output}" if args.output else ""))
 
 
@@ -105,6 +109,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", choices=("sum", "mean"), help="reward over response tokens (default: artifact's)")
     p.add_argument("--reference-free", action="store_true", help="r = β·log π, ignoring the reference")
     p.add_argument("--truncate", action="store_true", help="cut over-long responses instead of failing")
+    add_recheck_argument(p)
     p.add_argument("--batch-size", type=int, default=8, help="records per forward batch (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N records")
     p.add_argument(

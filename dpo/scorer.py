@@ -11,6 +11,7 @@ kept in an LRU cache keyed by token ids (a reference never changes while served)
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ class RewardResult:
     truncated: bool
     cached_ref: bool
     token_rewards: list[float] | None = None
+    rechecked: bool = False  # bf16-paired: a close decision, scored again by the float32 models (score_groups)
 
 
 class ReferenceCache:
@@ -172,8 +174,12 @@ class RewardModel:
         normalize: str | None = None,
         reference_free: bool = False,
         token_rewards: bool = False,
+        float32: bool = False,
     ) -> list[RewardResult]:
-        """Rewards of already-encoded sequences; sequences sharing a prompt compute it once."""
+        """Rewards of already-encoded sequences; sequences sharing a prompt compute it once.
+
+        ``float32`` runs a ``bf16-paired`` model's float32 policy and reference (which it keeps) instead.
+        """
         normalize = normalize or self.normalize
         if normalize not in NORMALIZATIONS:
             raise DpormError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -181,7 +187,7 @@ class RewardModel:
             return []
         use_ref = self.has_reference and not reference_free
         with self._forward_lock:
-            if self.paired is not None:  # both models in one pass; the reference cache would save nothing
+            if self.paired is not None and not float32:  # both models in one pass; a reference cache saves nothing
                 policy, both = self.paired.logprobs(seqs)
                 ref = [both.per_token(i).cpu() for i in range(len(seqs))] if use_ref else None
                 hits = [False] * len(seqs)
@@ -207,13 +213,50 @@ class RewardModel:
                     truncated=seq.truncated,
                     cached_ref=hits[i],
                     token_rewards=per_token.tolist() if token_rewards else None,
+                    rechecked=float32 and self.paired is not None,
                 )
             )
         return results
 
+    def score_groups(
+        self,
+        groups: Sequence[Sequence[Encoded]],
+        normalize: str | None = None,
+        reference_free: bool = False,
+        token_rewards: bool = False,
+        recheck: float = 0.0,
+    ) -> list[list[RewardResult]]:
+        """Rewards of responses compared within each group (a chosen/rejected pair, best-of-N candidates).
+
+        A ``bf16-paired`` model scores every group in one pass, then scores again with its float32
+        models each group whose decision is close (:func:`close_call`, ``recheck`` nats of log-ratio
+        per reward): where the rounding error could flip the order, the decision is float32's.
+        """
+        flat = self.score_encoded([s for g in groups for s in g], normalize, reference_free, token_rewards)
+        out, i = [], 0
+        for g in groups:
+            out.append(flat[i : i + len(g)])
+            i += len(g)
+        if self.paired is None or recheck <= 0 or reference_free:
+            return out
+        mean = (normalize or self.normalize) == "mean"
+        close = [j for j, results in enumerate(out) if close_call(results, self.beta * recheck, mean)]
+        if close:
+            again = self.score_encoded([s for j in close for s in groups[j]], normalize, False, token_rewards, True)
+            for j in close:
+                out[j], again = again[: len(out[j])], again[len(out[j]) :]
+        return out
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], **options) -> list[RewardResult]:
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
         return self.score_encoded(seqs, **options)
+
+
+def close_call(results: Sequence[RewardResult], tolerance: float, mean: bool) -> bool:
+    """Whether two rewards of a group lie within their tolerances of each other (``tolerance`` per summed
+    reward; a mean reward's is divided by its token count), so that rounding errors of that size could reorder them."""
+    bounds = sorted((r.reward, tolerance / max(r.response_tokens, 1) if mean else tolerance) for r in results)
+    return any(b[0] - a[0] < a[1] + b[1] for a, b in itertools.pairwise(bounds))
 
 
 def models_context_length(*models) -> int | None:
