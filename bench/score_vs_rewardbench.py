@@ -14,6 +14,11 @@ Scores every chosen/rejected pair of a RewardBench-schema file with a DPO policy
     delta bf16    with --delta-artifact: one bf16 base, the policy as a low-rank adapter (dporm extract)
     dporm own     dporm's own encoding (chat template with generation prompt), fp32
 
+The sides run interleaved: every side scores a chunk of pairs (``--batch-pairs``, at least the
+largest RewardBench batch size) before any side scores the next, each timed apart. This VM's speed
+drifts by 1.5x within minutes, and sides run one after another would be compared across different
+minutes; interleaved, they share them.
+
 Both sides see RewardBench's tokenization (``DPOInference.tokenize_row``), so rewards must agree
 (dporm's reward / β vs RewardBench's log-ratio, within 1e-3 in fp32). The reference-log-prob cache
 is off: every pair costs both models. Model-FLOP utilisation counts the matmul FLOPs each side
@@ -34,9 +39,12 @@ import importlib.util
 import json
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dpo.allocator import keep_freed_memory
 from dpo.data import read_records
@@ -177,36 +185,59 @@ def attention_flops(model, lengths_and_prefixes) -> float:
     return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
 
 
-def time_rewardbench(dpo, features: list[dict], batch_size: int, pad_id: int, device: str):
-    """(timing of :meth:`TimedSide.finish`, rewards) of DPOInference over every pair, after one untimed batch."""
-    rewards: list[tuple[float, float]] = []
-    side = TimedSide("fp32", device)
-    with torch.inference_mode():
-        dpo.inference_step(collate(features[:batch_size], pad_id))  # untimed warm-up, as dporm's sides
-        for i in range(0, len(features), batch_size):
-            chosen, rejected = side.run(dpo.inference_step, collate(features[i : i + batch_size], pad_id))
-            rewards += list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-    return side.finish(), rewards
+@dataclass
+class Side:
+    """One scorer of the comparison: ``step(start, stop)`` scores ``pairs[start:stop]`` (untimed here)."""
+
+    name: str
+    peak: str  # the GEMM peak it is judged against: "fp32" or "bf16"
+    step: Callable[[int, int], list[tuple[float, float, bool]]]  # (reward chosen, reward rejected, rechecked)
+    flops: tuple[float, float]  # (matmul, attention) FLOPs of all pairs
+    scale: float = 1.0  # reward / scale = log-ratio
+    baseline: str | None = None  # the side whose rewards its decisions are compared with
+    rewards: list = field(default_factory=list)
 
 
-def time_dporm(
-    model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int, peak: str = "fp32", recheck: float = 0
-):
-    """(timing of :meth:`TimedSide.finish` with ``rechecked`` pairs, rewards) of scoring every pair, after one
-    untimed warm-up batch. ``RewardModel.score_groups``, as ``dporm score`` and ``dporm eval`` run it.
+def rewardbench_step(dpo, features: list[dict], batch_size: int, pad_id: int):
+    def step(start: int, stop: int):
+        out = []
+        with torch.inference_mode():
+            for i in range(start, stop, batch_size):
+                chosen, rejected = dpo.inference_step(collate(features[i : min(i + batch_size, stop)], pad_id))
+                out += [(a, b, False) for a, b in zip(chosen.tolist(), rejected.tolist(), strict=True)]
+        return out
 
-    bf16-paired compiles its fused steps in the warm-up.
+    return step
+
+
+def dporm_step(model: RewardModel, pairs: list[tuple[Encoded, Encoded]], batch_pairs: int, recheck: float = 0):
+    """``RewardModel.score_groups``, as ``dporm score`` and ``dporm eval`` run it."""
+
+    def step(start: int, stop: int):
+        out = []
+        for i in range(start, stop, batch_pairs):
+            got = model.score_groups(pairs[i : min(i + batch_pairs, stop)], None, False, False, recheck)
+            out += [(a.reward, b.reward, a.rechecked) for a, b in got]
+        return out
+
+    return step
+
+
+def run_interleaved(sides: list[Side], n: int, chunk: int, device: str) -> dict[str, dict]:
+    """Every side scores pairs [i, i + chunk) before any scores the next chunk; each is timed by its own TimedSide.
+
+    This VM's speed drifts by 1.5x within minutes; run one after another, sides would be compared across
+    different minutes. Each side first scores one chunk untimed (bf16-paired compiles its fused steps there).
     """
-    warm = time.perf_counter()
-    model.score_groups(pairs[:batch_pairs])
-    print(f"    warm-up (one batch, first call) {time.perf_counter() - warm:.1f} s")
-    rewards, rechecked = [], 0
-    side = TimedSide(peak, str(model.device))
-    for i in range(0, len(pairs), batch_pairs):
-        out = side.run(model.score_groups, pairs[i : i + batch_pairs], None, False, False, recheck)
-        rewards += [(a.reward, b.reward) for a, b in out]
-        rechecked += sum(a.rechecked for a, _ in out)
-    return side.finish() | {"rechecked": rechecked}, rewards
+    for side in sides:
+        warm = time.perf_counter()
+        side.step(0, min(chunk, n))
+        print(f"    {side.name}: warm-up (one chunk, first call) {time.perf_counter() - warm:.1f} s")
+    timers = {side.name: TimedSide(side.peak, device) for side in sides}
+    for start in tqdm(range(0, n, chunk), desc="chunks", unit="chunk"):
+        for side in sides:
+            side.rewards += timers[side.name].run(side.step, start, min(start + chunk, n))
+    return {name: timer.finish() for name, timer in timers.items()}
 
 
 def compat_pairs(feature: dict) -> tuple[Encoded, Encoded]:
@@ -321,52 +352,57 @@ def main() -> None:
         if baseline:
             print("    same decision where |fp32 margin| >", json.dumps(entry["decisions_equal_by_margin"]))
 
-    rb_best = None
-    if "rewardbench" not in skip:
-        for bs in map(int, args.rb_batch_sizes.split(",")):
-            timing, rewards = time_rewardbench(dpo, features, bs, rb_tok.pad_token_id, device)
-            record(f"rewardbench bs={bs}", timing, rewardbench_flops(fp32["policy"], features), "fp32", rewards)
-            if rb_best is None or timing["seconds"] < report["sides"][rb_best]["seconds"]:
-                rb_best = f"rewardbench bs={bs}"
-    baseline = report["sides"][rb_best]["rewards"] if rb_best else None
-
+    sides: list[Side] = []
+    rb_sizes = [int(x) for x in args.rb_batch_sizes.split(",")] if "rewardbench" not in skip else []
+    for bs in rb_sizes:
+        sides.append(Side(f"rewardbench bs={bs}", "fp32", rewardbench_step(dpo, features, bs, rb_tok.pad_token_id),
+                          rewardbench_flops(fp32["policy"], features)))  # fmt: skip
+    rb = "rewardbench bs=*" if rb_sizes else None  # the fastest of them, once timed
     scorer = RewardModel(fp32["policy"], fp32["reference"], tokenizer, args.beta, ref_cache_size=0)
-    timing, rewards = time_dporm(scorer, pairs, args.batch_pairs)
-    unscaled = [(a / args.beta, b / args.beta) for a, b in rewards]
-    record("dporm fp32", timing, dporm_flops(fp32["policy"], pairs), "fp32", unscaled, baseline)
-    fp32_rewards = unscaled
+    sides.append(Side("dporm fp32", "fp32", dporm_step(scorer, pairs, args.batch_pairs),
+                      dporm_flops(fp32["policy"], pairs), args.beta, rb))  # fmt: skip
     if "own" not in skip:
         own = [tuple(scorer.encode(r["prompt"], r[k]) for k in ("chosen", "rejected")) for r in rows]
-        timing, rewards = time_dporm(scorer, own, args.batch_pairs)
-        record("dporm fp32 own-encoding", timing, dporm_flops(fp32["policy"], own), "fp32",
-               [(a / args.beta, b / args.beta) for a, b in rewards])  # fmt: skip
-    del scorer, fp32, dpo
+        sides.append(Side("dporm fp32 own-encoding", "fp32", dporm_step(scorer, own, args.batch_pairs),
+                          dporm_flops(fp32["policy"], own), args.beta))  # fmt: skip
     for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed"), ("paired", "bf16-paired")):
         if side in skip:
             continue
-        paired, weights = dtype == "bf16-paired", "float32" if dtype == "bf16-paired" else dtype
-        if paired and is_adapter_dir(args.policy):  # as dporm runs it: from the adapter's factors, nothing merged
+        if dtype == "bf16-paired" and is_adapter_dir(args.policy):  # as dporm runs it: the adapter's own factors
             low = load_reward_model(policy=args.policy, reference=reference, beta=args.beta, dtype=dtype,
                                     device=device, ref_cache_size=0)  # fmt: skip
+        elif dtype == "bf16-paired":  # bf16 copies of the linear weights beside the fp32 models it keeps
+            low = RewardModel(fp32["policy"], fp32["reference"], tokenizer, args.beta, ref_cache_size=0, paired=True)
         else:
-            pair_models = load_policy(args.policy, reference, weights, device), load_model(reference, weights, device)
-            low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0, paired=paired)
-        runs = [("", 0.0)]
-        if paired and "recheck" not in skip:
-            runs.append((f" recheck {args.recheck:g}", args.recheck))
-        for suffix, recheck in runs:  # recheck: the same model, close pairs rescored by its float32 models
-            timing, rewards = time_dporm(low, pairs, args.batch_pairs, "bf16", recheck)
-            if recheck:
-                print(f"    {timing['rechecked']} pair(s) within {recheck:g} nats of a tie each rescored in float32")
-            record(f"dporm {dtype}{suffix}", timing, dporm_flops(low.policy, pairs), "bf16",
-                   [(a / args.beta, b / args.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
-        del low
+            pair_models = load_policy(args.policy, reference, dtype, device), load_model(reference, dtype, device)
+            low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0)
+        flops = dporm_flops(low.policy, pairs)
+        sides.append(Side(f"dporm {dtype}", "bf16", dporm_step(low, pairs, args.batch_pairs), flops, args.beta,
+                          "dporm fp32"))  # fmt: skip
+        if dtype == "bf16-paired" and "recheck" not in skip:  # the same model; close pairs rescored in float32
+            sides.append(Side(f"dporm bf16-paired recheck {args.recheck:g}", "bf16",
+                              dporm_step(low, pairs, args.batch_pairs, args.recheck), flops, args.beta,
+                              "dporm fp32"))  # fmt: skip
     if args.delta_artifact:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.
         delta = load_reward_model(args.delta_artifact, dtype="bf16", device=device, ref_cache_size=0)
-        timing, rewards = time_dporm(delta, pairs, args.batch_pairs, "bf16")
-        record("dporm bf16 delta artifact", timing, dporm_flops(delta.policy, pairs), "bf16",
-               [(a / delta.beta, b / delta.beta) for a, b in rewards], fp32_rewards)  # fmt: skip
+        sides.append(Side("dporm bf16 delta artifact", "bf16", dporm_step(delta, pairs, args.batch_pairs),
+                          dporm_flops(delta.policy, pairs), delta.beta, "dporm fp32"))  # fmt: skip
+
+    chunk = max([args.batch_pairs, *rb_sizes])
+    print(f"{len(sides)} sides, interleaved {chunk} pairs at a time")
+    timings = run_interleaved(sides, len(pairs), chunk, device)
+    logratios = {side.name: [(a / side.scale, b / side.scale) for a, b, _ in side.rewards] for side in sides}
+    if rb:
+        rb = min((n for n in timings if n.startswith("rewardbench")), key=lambda n: timings[n]["seconds"])
+    for side in sides:
+        rechecked = sum(r for _, _, r in side.rewards)
+        if rechecked:
+            print(f"    {side.name}: {rechecked} pair(s) within {args.recheck:g} nats of a tie rescored in float32")
+        baseline = rb if side.baseline == "rewardbench bs=*" else side.baseline
+        record(side.name, timings[side.name] | {"rechecked": rechecked}, side.flops, side.peak,
+               logratios[side.name], logratios[baseline] if baseline else None)  # fmt: skip
+    rb_best = rb
     after = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
     report["gemm_peak_readings"] = {"before": dict(peaks), "after": after}
     print(f"GEMM peak after: fp32 {after['fp32']:.0f} bf16 {after['bf16']:.0f} GFLOP/s (MFU uses each side's samples)")
