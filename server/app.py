@@ -1,6 +1,6 @@
 """The reward server: a thin FastAPI layer over :class:`dpo.scorer.RewardModel`.
 
-Routes: POST /v1/rewards, /v1/preference, /v1/rerank (Cohere/Jina/vLLM), /rerank (TEI);
+Routes: POST /v1/rewards, /v1/preference, /v1/rerank and /v2/rerank (Cohere/Jina/vLLM), /rerank (TEI);
 GET /health, /ready, /info, /v1/models, /metrics. Every error is ``{"error": {message, type, code}}``.
 """
 
@@ -26,14 +26,14 @@ from starlette.requests import ClientDisconnect
 
 from dpo import __version__
 from dpo.encoding import Encoded
-from dpo.errors import DpormError, EncodingError
+from dpo.errors import DpormError, EncodingError, ResponseTooLongError
 from dpo.scorer import RewardModel, RewardResult
 from server import schemas as s
 from server.admission import Admission
 from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
-INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/rerank")
+INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
 log = logging.getLogger("dporm.server")
 
 
@@ -123,7 +123,15 @@ def create_app(state: State, loader=None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        loc = tuple(first.get("loc", ()))
+        if first.get("type") == "json_invalid":  # loc holds a character offset, not a field
+            reason = first.get("ctx", {}).get("error", "JSON decode error")
+            message = f"the body is not valid JSON (at character {loc[-1]}: {reason})"
+            return _error(422, message, "invalid_request_error")
+        if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
+            return _error(422, "the body must be a JSON object sent with 'Content-Type: application/json'",
+                          "invalid_request_error")  # fmt: skip
+        where = ".".join(str(p) for p in loc if p != "body")
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         return _error(422, f"{where}: {message}" if where else message, "invalid_request_error")
 
@@ -183,7 +191,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         with state.lock:
             if state.tokenize_waiting >= state.limits.max_queue_requests:
                 raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
-                               {"Retry-After": str(state.limits.retry_after)})  # fmt: skip
+                               {"Retry-After": str(retry_after())})  # fmt: skip
             state.tokenize_waiting += 1
         work = state.tokenizing.submit(encode_sync, model, make_pairs, truncate)
 
@@ -194,18 +202,27 @@ def create_app(state: State, loader=None) -> FastAPI:
         work.add_done_callback(release)
         return await wait(request, asyncio.wrap_future(work), deadline, work.cancel)  # cancels it unless started
 
+    def retry_after() -> int:
+        """Seconds a refused client should wait: the queue's drain time at the recent rate, at least the floor."""
+        floor = state.limits.retry_after
+        return state.batcher.retry_after(floor) if state.batcher is not None else floor
+
     def encode_sync(model: RewardModel, make_pairs: Callable[[], list[tuple]], truncate: bool) -> list[Encoded]:
+        """``truncate`` accepts prompts cut from the left; a response is cut only where the server allows it."""
         start = time.perf_counter()
         seqs = []
         for i, (prompt, response) in enumerate(make_pairs()):
             try:
-                seq = model.encode(prompt, response, allow_response_truncation=truncate or None)
-            except EncodingError as e:
+                seq = model.encode(prompt, response)
+            except ResponseTooLongError:
                 raise ApiError(
-                    413 if "max_length" in str(e) else 422,
-                    f"item {i}: {e}",
-                    "request_too_large" if "max_length" in str(e) else "invalid_request_error",
+                    413,
+                    f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
+                    "(the server does not cut responses: a cut response would be scored as different text)",
+                    "request_too_large",
                 ) from None
+            except EncodingError as e:
+                raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
             if seq.truncated:
                 if not truncate:
                     raise ApiError(
@@ -232,7 +249,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         try:
             state.batcher.submit(job)
         except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(state.limits.retry_after)}) from None
+            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(retry_after())}) from None
         except TooLarge as e:
             raise ApiError(413, str(e), "request_too_large") from None
         except ShuttingDown as e:
@@ -248,6 +265,9 @@ def create_app(state: State, loader=None) -> FastAPI:
         return model, results
 
     def usage(results: list[RewardResult], shared_prompt: bool = False) -> s.Usage:
+        """Tokens scored; ``cached_tokens``: those of sequences whose reference log-probs came from the cache."""
+        # Prompts cut to different lengths (truncate=true) are different prompts: each counts.
+        shared_prompt = shared_prompt and len({r.prompt_tokens for r in results}) == 1
         prompt = results[0].prompt_tokens if shared_prompt else sum(r.prompt_tokens for r in results)
         total = prompt + sum(r.response_tokens for r in results)
         cached = sum(r.prompt_tokens + r.response_tokens for r in results if r.cached_ref)
@@ -302,6 +322,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         return model, results, order
 
     @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
+    @app.post("/v2/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
     async def rerank(body: s.RerankRequest, request: Request) -> s.RerankResponse:
         texts = body.texts()
         model, results, order = await rank(request, body.conversation, texts, body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -64,6 +65,7 @@ class Batcher:
         self._queued_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._tokens_per_second: float | None = None  # moving average of the forwards' throughput
         self._thread = threading.Thread(target=self._run, name="dporm-batcher", daemon=True)
         self._thread.start()
 
@@ -71,6 +73,14 @@ class Batcher:
     def depth(self) -> tuple[int, int]:
         with self._cond:
             return len(self._queue), self._queued_tokens
+
+    def retry_after(self, floor: int, ceiling: int = 60) -> int:
+        """Seconds until the queued tokens are likely scored, at the recent forward rate; in ``[floor, ceiling]``."""
+        with self._cond:
+            tokens, rate = self._queued_tokens, self._tokens_per_second
+        if not rate:
+            return floor
+        return max(floor, min(ceiling, math.ceil(tokens / rate)))
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -145,7 +155,9 @@ class Batcher:
             for chunk in self._chunks(seqs):
                 start = time.perf_counter()
                 results += self.model.score_encoded(chunk, "sum", reference_free, want_tokens)
-                self.observe("forward_seconds", time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self._note_rate(sum(len(s) for s in chunk), seconds)
+                self.observe("forward_seconds", seconds)
                 self.observe("batch_sequences", len(chunk))
                 self.observe("batch_tokens", sum(len(s) for s in chunk))
         except Exception as e:  # the model failed on some sequence: find whose, scoring each job alone
@@ -163,6 +175,14 @@ class Batcher:
                 for r in part:
                     r.token_rewards = None
             _resolve(job, part, None)
+
+    def _note_rate(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        with self._cond:
+            old = self._tokens_per_second
+            self._tokens_per_second = rate if old is None else 0.8 * old + 0.2 * rate
 
 
 def _resolve(job: Job, result, error: BaseException | None) -> None:

@@ -132,8 +132,10 @@ class _BaseClient:
     _http_class: type[httpx.Client] | type[httpx.AsyncClient]
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 75.0, max_retries: int = 5,
-                 backoff: float = 0.5, batch_size: int = 64, transport: Any = None):  # fmt: skip
-        assert batch_size >= 1 and max_retries >= 0, "batch_size must be >= 1 and max_retries >= 0"
+                 backoff: float = 0.5, batch_size: int = 64, max_documents: int = 256,
+                 transport: Any = None):  # fmt: skip
+        assert min(batch_size, max_documents) >= 1 and max_retries >= 0, "batch sizes >= 1, max_retries >= 0"
+        self.max_documents = max_documents  # per rerank request: the server's --max-items (default 256)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("DPORM_API_KEY")
         self.max_retries, self.backoff, self.batch_size = max_retries, backoff, batch_size
@@ -175,16 +177,21 @@ class _BaseClient:
         return self._batched("/v1/preference", "pairs", items, {}, Preference, max(1, self.batch_size // 2))
 
     def _rerank_call(self, query: Prompt, documents: Sequence[Doc], top_n: int | None) -> _Call:
-        """One request (the prompt is shared); results come back best first, with each document's text."""
+        """Requests of ``max_documents`` (each shares its prompt); merged best first, with each document's text."""
         texts = [doc if isinstance(doc, str) else doc["text"] for doc in documents]
-        body: dict[str, Any] = {**_prompt_fields(query, key="query"), "documents": list(documents)}
-        if top_n is not None:
-            body["top_n"] = top_n
+        prompt, size = _prompt_fields(query, key="query"), self.max_documents
+        starts = range(0, len(documents), size)
+        one = len(starts) == 1 and top_n is not None  # a single request can let the server cut to top_n
+        requests = [("POST", "/v1/rerank", {**prompt, "documents": list(documents[s : s + size])}
+                     | ({"top_n": top_n} if one else {})) for s in starts]  # fmt: skip
 
         def fold(answers: list[Any]) -> list[RerankResult]:
-            return [RerankResult(r["index"], r["relevance_score"], texts[r["index"]]) for r in answers[0]["results"]]
+            results = [RerankResult(s + r["index"], r["relevance_score"], texts[s + r["index"]])
+                       for answer, s in zip(answers, starts, strict=True) for r in answer["results"]]  # fmt: skip
+            results.sort(key=lambda r: (-r.relevance_score, r.index))  # best first; ties in input order, as the server
+            return results[:top_n] if top_n else results
 
-        return _Call([("POST", "/v1/rerank", body)], fold)
+        return _Call(requests, fold)
 
 
 # --------------------------------------------------------------------------------------------------------------------

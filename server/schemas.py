@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 
 class Message(BaseModel):
@@ -34,8 +34,8 @@ class _Prompted(BaseModel):
 
 class ScoringOptions(BaseModel):
     normalize: Literal["sum", "mean"] | None = Field(None, description="default: the artifact's")
-    reference_free: bool = Field(False, description="r = β·log π (no reference)")
-    truncate: bool = Field(False, description="cut over-long sequences instead of answering 413")
+    reference_free: StrictBool = Field(False, description="r = β·log π (no reference)")
+    truncate: StrictBool = Field(False, description="cut over-long prompts from the left instead of answering 413")
 
 
 class RewardItem(_Prompted):
@@ -45,7 +45,7 @@ class RewardItem(_Prompted):
 class RewardsRequest(ScoringOptions):
     model_config = ConfigDict(extra="forbid")
     items: list[RewardItem] = Field(min_length=1)
-    return_token_rewards: bool = False
+    return_token_rewards: StrictBool = False
 
 
 class Usage(BaseModel):
@@ -104,8 +104,8 @@ class RerankRequest(ScoringOptions):
     query: str | None = None
     messages: list[Message] | None = None
     documents: list[str | Document] = Field(min_length=1)
-    top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
+    top_n: StrictInt | None = Field(None, ge=0, description="the best top_n results; 0 or none: all (as vLLM)")
+    return_documents: StrictBool = False
     model: str | None = None
 
     @model_validator(mode="after")
@@ -141,9 +141,9 @@ class TEIRerankRequest(BaseModel):
 
     query: str
     texts: list[str] = Field(min_length=1)
-    raw_scores: bool = False
-    return_text: bool = False
-    truncate: bool = False
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    truncate: StrictBool = False
 
 
 class TEIRank(BaseModel):

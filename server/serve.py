@@ -54,7 +54,7 @@ def run_serve(args: argparse.Namespace) -> None:
     elif not args.policy or args.beta is None:
         raise DpormError("give an artifact directory, or --policy and --beta (and --reference)")
     require_at_least(args, ("max_items", "max_body_bytes", "max_batch_tokens", "max_queue_requests",
-                            "max_queue_tokens"))  # fmt: skip
+                            "max_queue_tokens", "retry_after"))  # fmt: skip
     require_at_least(args, ("ref_cache_size", "drain_seconds"), 0)
     if args.request_timeout <= 0:
         raise DpormError(f"--request-timeout must be positive, got {args.request_timeout:g}")
@@ -66,8 +66,12 @@ def run_serve(args: argparse.Namespace) -> None:
         max_queue_requests=args.max_queue_requests,
         max_queue_tokens=args.max_queue_tokens,
         request_timeout=args.request_timeout,
+        retry_after=args.retry_after,
     )
-    state = State(limits, args.api_key or os.environ.get("DPORM_API_KEY") or None)
+    api_key = args.api_key or os.environ.get("DPORM_API_KEY") or None
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise DpormError("the API key must be printable ASCII without spaces (HTTP headers carry ASCII)")
+    state = State(limits, api_key)
 
     def loader():
         model = load_reward_model(
@@ -128,6 +132,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget of one forward batch")
     p.add_argument("--max-queue-requests", type=int, default=256, help="queued requests before 429")
     p.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="queued tokens before 429")
+    p.add_argument(
+        "--retry-after",
+        type=int,
+        default=1,
+        help="least Retry-After seconds of a 429 (more when the queue needs longer to drain; default 1)",
+    )
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before 504 (default 60)")
     p.add_argument("--ref-cache-size", type=int, default=4096, help="reference log-prob LRU entries (0 = off)")
     p.add_argument("--drain-seconds", type=float, default=0.0,

@@ -220,6 +220,17 @@ def test_rerank_orders_best_first_and_best_of_n():
     assert server.bodies[2]["top_n"] == 1 and len(server.requests) == 3
 
 
+def test_rerank_over_max_documents_is_split_and_merged():
+    server = FakeServer()
+    rm, _ = client(server, max_documents=2)
+    docs = ["a", "bbbb", "cc", "dddd", "eee"]
+    results = rm.rerank("q", docs, top_n=3)
+    assert [(r.index, r.document) for r in results] == [(1, "bbbb"), (3, "dddd"), (4, "eee")]  # tie: input order
+    assert [b["documents"] for b in server.bodies] == [["a", "bbbb"], ["cc", "dddd"], ["eee"]]
+    assert all("top_n" not in b for b in server.bodies)  # cut after merging, not per request
+    assert rm.best_of_n("q", docs) == (1, "bbbb", 4.0)
+
+
 def test_health_ready_and_wait_until_ready():
     server = FakeServer(
         error(503, "unavailable", "loading", "loading"), error(503, "unavailable", "loading", "loading")

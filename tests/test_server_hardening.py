@@ -178,3 +178,66 @@ def test_pickle_adapters_need_allow_pickle(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"not really a pickle")
     with pytest.raises(DpormError, match="pickle adapters load only with --allow-pickle"):
         load_adapter(None, str(tmp_path))
+
+
+def test_truncate_cuts_prompts_never_responses(reward_model):
+    with make_client(reward_model) as c:
+        long_response = {"items": [{"prompt": PROMPT, "response": "word " * 600}], "truncate": True}
+        assert "the response alone exceeds" in _error(c.post("/v1/rewards", json=long_response), 413)
+        docs = ["Craters.", "word " * 40]
+        body = {"query": "word " * 600, "documents": docs, "truncate": True}
+        usage = c.post("/v1/rerank", json=body).json()["usage"]
+    seqs = [reward_model.encode(body["query"], d) for d in docs]
+    assert all(s.truncated for s in seqs) and len({len(s.prompt_ids) for s in seqs}) == 2
+    assert usage["prompt_tokens"] == sum(len(s.prompt_ids) for s in seqs)  # cut differently: two prompts
+
+
+def test_rerank_takes_top_n_zero_as_all_and_answers_on_v2(reward_model):
+    with make_client(reward_model) as c:
+        body = {"query": PROMPT, "documents": ["Craters.", "Dust.", "Rock."], "top_n": 0}
+        v1, v2 = c.post("/v1/rerank", json=body).json(), c.post("/v2/rerank", json=body).json()
+    assert len(v1["results"]) == 3 and v1["results"] == v2["results"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/rewards", {"items": [{"prompt": PROMPT, "response": "r"}], "reference_free": "yes"}),
+        ("/v1/rerank", {"query": PROMPT, "documents": ["a"], "top_n": "1"}),
+        ("/rerank", {"query": PROMPT, "texts": ["a"], "raw_scores": 1}),
+    ],
+)
+def test_flags_and_counts_are_not_coerced_from_strings(reward_model, path, body):
+    with make_client(reward_model) as c:
+        assert _error(c.post(path, json=body), 422)
+
+
+def test_json_errors_say_what_is_wrong_with_the_body(reward_model):
+    with make_client(reward_model) as c:
+        form = c.post("/v1/rewards", content=json.dumps(ITEM), headers={"content-type": "text/plain"})
+        assert "Content-Type: application/json" in _error(form, 422)
+        broken = c.post("/v1/rewards", content=b'{"items": [', headers={"content-type": "application/json"})
+        assert "not valid JSON (at character" in _error(broken, 422)
+
+
+def test_retry_after_is_the_queue_drain_time_at_the_recent_rate(reward_model):
+    from server.batcher import Batcher
+
+    batcher = Batcher(reward_model)
+    try:
+        assert batcher.retry_after(1) == 1  # no forward measured yet: the floor
+        batcher._note_rate(1000, 2.0)  # 500 tokens/s
+        batcher._queued_tokens = 2600
+        assert batcher.retry_after(1) == 6 and batcher.retry_after(10) == 10
+        batcher._queued_tokens = 10**6
+        assert batcher.retry_after(1) == 60
+        batcher._queued_tokens = 0
+    finally:
+        batcher.stop()
+
+
+def test_serve_refuses_an_api_key_http_cannot_carry(artifact, capsys):
+    from dpo.cli import main
+
+    assert main(["serve", str(artifact), "--api-key", "sékrit", "--port", str(free_port())]) == 1
+    assert "printable ASCII" in capsys.readouterr().err
