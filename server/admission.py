@@ -31,12 +31,14 @@ class _ClientGone(Exception):
 class Admission:
     """``authorize(headers)`` returns an error response or None; ``error(code, message, kind)`` builds one.
 
+    ``protected_routes`` are the (method, path) pairs that need the API key.
+
     ``endpoints()`` names the app's routes: other paths are counted as ``other`` (one label per unknown
     path would let any client grow the metrics without bound).
     """
 
-    def __init__(self, app, *, state, inference_routes: tuple[str, ...], authorize, error, endpoints):
-        self.app, self.state, self.inference_routes = app, state, inference_routes
+    def __init__(self, app, *, state, protected_routes: set[tuple[str, str]], authorize, error, endpoints):
+        self.app, self.state, self.protected_routes = app, state, protected_routes
         self.authorize, self.error, self.endpoints = authorize, error, endpoints
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
@@ -53,7 +55,7 @@ class Admission:
 
         try:
             response = None
-            if scope["method"] == "POST" and scope["path"] in self.inference_routes:
+            if (scope["method"], scope["path"]) in self.protected_routes:
                 response = self.authorize(_headers(scope))  # 401 before the body is read
             if response is None:
                 response, receive = await self._limit_body(scope, receive)

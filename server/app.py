@@ -34,6 +34,8 @@ from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
 INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
+# With an API key these need it too (they name the models' paths); /health, /ready and /metrics stay open for probes.
+PROTECTED_ROUTES = {("POST", path) for path in INFERENCE_ROUTES} | {("GET", "/info"), ("GET", "/v1/models")}
 log = logging.getLogger("dporm.server")
 
 
@@ -157,7 +159,7 @@ def create_app(state: State, loader=None) -> FastAPI:
     def endpoints() -> set[str]:
         return {route.path for route in app.routes}
 
-    app.add_middleware(Admission, state=state, inference_routes=INFERENCE_ROUTES, authorize=authorize, error=_error,
+    app.add_middleware(Admission, state=state, protected_routes=PROTECTED_ROUTES, authorize=authorize, error=_error,
                        endpoints=endpoints)  # fmt: skip
 
     def ready_model() -> RewardModel:

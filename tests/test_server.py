@@ -159,7 +159,9 @@ def test_api_key(reward_model):
         assert c.post("/v1/rewards", json=item, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.post("/v1/rewards", json=item, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 401
-        assert c.get("/health").status_code == 200  # probes stay open
+        assert c.get("/info").status_code == c.get("/v1/models").status_code == 401  # they name model paths
+        assert c.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code == c.get("/ready").status_code == c.get("/metrics").status_code == 200
 
 
 def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model):
