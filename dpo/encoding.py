@@ -28,7 +28,7 @@ prompt token raises :class:`ResponseTooLongError` unless ``allow_response_trunca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from dpo.errors import EncodingError, ResponseTooLongError
@@ -83,32 +83,48 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def render_chat(tokenizer, prompt: Prompt, response: str) -> tuple[str, str]:
-    """``(prompt_text, response_text)`` with ``prompt_text + response_text`` the full rendering."""
-    messages = as_messages(prompt)
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _render_prompt(tokenizer, messages: list[Message]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _response_text(tokenizer, messages: list[Message], prompt_text: str, response: str) -> str:
     full_text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):
         raise EncodingError(
             "the chat template's rendering of prompt + response does not start with its rendering of "
             "the prompt with add_generation_prompt=True, so the response tokens cannot be isolated"
         )
-    return prompt_text, full_text[len(prompt_text) :]
+    return full_text[len(prompt_text) :]
 
 
-def _split_tokens(tokenizer, prompt: Prompt, response: str) -> tuple[list[int], list[int]]:
-    if not isinstance(response, str):
-        raise EncodingError(f"response must be a string, got {type(response).__name__}")
-    if has_chat_template(tokenizer):
-        prompt_text, response_text = render_chat(tokenizer, prompt, response)
-        return _tokenize(tokenizer, prompt_text, False), _tokenize(tokenizer, response_text, False)
-    if not isinstance(prompt, str):
-        raise EncodingError("the tokenizer has no chat template: the prompt must be a plain string, not messages")
-    prompt_ids = _tokenize(tokenizer, prompt, True)
-    response_ids = _tokenize(tokenizer, response, False)
-    if tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)
-    return prompt_ids, response_ids
+def render_chat(tokenizer, prompt: Prompt, response: str) -> tuple[str, str]:
+    """``(prompt_text, response_text)`` with ``prompt_text + response_text`` the full rendering."""
+    messages = as_messages(prompt)
+    prompt_text = _render_prompt(tokenizer, messages)
+    return prompt_text, _response_text(tokenizer, messages, prompt_text, response)
+
+
+class _PromptTokens:
+    """A prompt rendered and tokenized once; :meth:`response_ids` tokenizes each response after it."""
+
+    def __init__(self, tokenizer, prompt: Prompt):
+        self.tokenizer, self.chat = tokenizer, has_chat_template(tokenizer)
+        if self.chat:
+            self.messages = as_messages(prompt)
+            self.text = _render_prompt(tokenizer, self.messages)
+            self.ids = _tokenize(tokenizer, self.text, False)
+        elif not isinstance(prompt, str):
+            raise EncodingError("the tokenizer has no chat template: the prompt must be a plain string, not messages")
+        else:
+            self.ids = _tokenize(tokenizer, prompt, True)
+
+    def response_ids(self, response: str) -> list[int]:
+        if not isinstance(response, str):
+            raise EncodingError(f"response must be a string, got {type(response).__name__}")
+        if self.chat:
+            return _tokenize(self.tokenizer, _response_text(self.tokenizer, self.messages, self.text, response), False)
+        ids = _tokenize(self.tokenizer, response, False)
+        return ids if self.tokenizer.eos_token_id is None else [*ids, self.tokenizer.eos_token_id]
 
 
 def _cut_prompt(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
@@ -128,12 +144,38 @@ def encode(
     allow_response_truncation: bool = False,
 ) -> Encoded:
     """Tokenize one (prompt, response) by the module's rule; see the module docstring."""
+    return next(encode_responses(tokenizer, prompt, [response], max_length, allow_response_truncation))
+
+
+def encode_responses(
+    tokenizer,
+    prompt: Prompt,
+    responses: Iterable[str],
+    max_length: int | None = None,
+    allow_response_truncation: bool = False,
+) -> Iterator[Encoded]:
+    """:func:`encode` of each (prompt, response), lazily, the prompt rendered and tokenized once.
+
+    An :class:`EncodingError` is raised when the failing item is reached (the prompt's: at the first).
+    """
     from jinja2 import TemplateError
 
-    try:
-        prompt_ids, response_ids = _split_tokens(tokenizer, prompt, response)
-    except (TypeError, ValueError, TemplateError) as e:  # e.g. a lone surrogate, a template's raise_exception
-        raise EncodingError(f"cannot tokenize: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    def guarded(step, *args):
+        try:
+            return step(*args)
+        except (TypeError, ValueError, TemplateError) as e:  # e.g. a lone surrogate, a template's raise_exception
+            raise EncodingError(f"cannot tokenize: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    shared: _PromptTokens | None = None
+    for response in responses:
+        shared = shared or guarded(_PromptTokens, tokenizer, prompt)
+        yield _fit(list(shared.ids), guarded(shared.response_ids, response), tokenizer.bos_token_id, max_length,
+                   allow_response_truncation)  # fmt: skip
+
+
+def _fit(prompt_ids: list[int], response_ids: list[int], bos_id: int | None, max_length: int | None,
+         allow_response_truncation: bool) -> Encoded:  # fmt: skip
+    """The sequence within ``max_length``: the prompt cut from the left, the response only when allowed."""
     if not prompt_ids:
         raise EncodingError(
             "the prompt encodes to no tokens (empty prompt and no BOS), so the first response token has no context"
@@ -149,6 +191,6 @@ def encode(
                     "leaves beside one prompt token; raise max_length or allow response truncation"
                 )
             response_ids = response_ids[: max_length - 1]
-        prompt_ids = _cut_prompt(prompt_ids, max_length - len(response_ids), tokenizer.bos_token_id)
+        prompt_ids = _cut_prompt(prompt_ids, max_length - len(response_ids), bos_id)
         truncated = True
     return Encoded(tuple(prompt_ids), tuple(response_ids), truncated)

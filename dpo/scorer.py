@@ -14,13 +14,13 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dpo.encoding import Encoded, Prompt, encode, has_chat_template
+from dpo.encoding import Encoded, Prompt, encode, encode_responses, has_chat_template
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
@@ -149,6 +149,10 @@ class RewardModel:
     def encode(self, prompt: Prompt, response: str, allow_response_truncation: bool | None = None) -> Encoded:
         allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
         return encode(self.tokenizer, prompt, response, self.max_length, allow)
+
+    def encode_responses(self, prompt: Prompt, responses: Sequence[str]) -> Iterator[Encoded]:
+        """:meth:`encode` of each response to one prompt, lazily; the prompt is tokenized once."""
+        return encode_responses(self.tokenizer, prompt, responses, self.max_length, self.allow_response_truncation)
 
     def _reference_token_logps(self, seqs: Sequence[Encoded]) -> tuple[list[torch.Tensor], list[bool]]:
         cached = [self.ref_cache.get(s) for s in seqs]

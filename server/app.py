@@ -33,6 +33,7 @@ from server.admission import Admission
 from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
+Group = tuple[Any, list[str]]  # a prompt (string or messages) and its responses: the prompt is tokenized once
 INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
 # With an API key these need it too (they name the models' paths); /health, /ready and /metrics stay open for probes.
 PROTECTED_ROUTES = {("POST", path) for path in INFERENCE_ROUTES} | {("GET", "/info"), ("GET", "/v1/models")}
@@ -185,9 +186,9 @@ def create_app(state: State, loader=None) -> FastAPI:
             abandon()
             raise
 
-    async def encode_all(request: Request, model: RewardModel, make_pairs: Callable[[], list[tuple]], count: int,
+    async def encode_all(request: Request, model: RewardModel, make_groups: Callable[[], list[Group]], count: int,
                          truncate: bool, deadline: float) -> list[Encoded]:  # fmt: skip
-        """Tokenized off the event loop (``make_pairs`` too: building conversations of a large body takes time)."""
+        """Tokenized off the event loop (``make_groups`` too: building conversations of a large body takes time)."""
         if count > state.limits.max_items:
             raise ApiError(413, f"{count} sequences; the limit is {state.limits.max_items}", "request_too_large")
         with state.lock:
@@ -195,7 +196,7 @@ def create_app(state: State, loader=None) -> FastAPI:
                 raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
                                {"Retry-After": str(retry_after())})  # fmt: skip
             state.tokenize_waiting += 1
-        work = state.tokenizing.submit(encode_sync, model, make_pairs, truncate)
+        work = state.tokenizing.submit(encode_sync, model, make_groups, truncate)
 
         def release(_) -> None:
             with state.lock:
@@ -209,44 +210,47 @@ def create_app(state: State, loader=None) -> FastAPI:
         floor = state.limits.retry_after
         return state.batcher.retry_after(floor) if state.batcher is not None else floor
 
-    def encode_sync(model: RewardModel, make_pairs: Callable[[], list[tuple]], truncate: bool) -> list[Encoded]:
+    def encode_sync(model: RewardModel, make_groups: Callable[[], list[Group]], truncate: bool) -> list[Encoded]:
         """``truncate`` accepts prompts cut from the left; a response is cut only where the server allows it."""
         start = time.perf_counter()
-        seqs = []
-        for i, (prompt, response) in enumerate(make_pairs()):
-            try:
-                seq = model.encode(prompt, response)
-            except ResponseTooLongError:
-                raise ApiError(
-                    413,
-                    f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
-                    "(the server does not cut responses: a cut response would be scored as different text)",
-                    "request_too_large",
-                ) from None
-            except EncodingError as e:
-                raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
-            if seq.truncated:
-                if not truncate:
+        seqs: list[Encoded] = []
+        for prompt, responses in make_groups():
+            encoded = model.encode_responses(prompt, responses)  # the prompt tokenized once for its responses
+            for _ in responses:
+                i = len(seqs)
+                try:
+                    seq = next(encoded)
+                except ResponseTooLongError:
                     raise ApiError(
                         413,
-                        f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
-                        "send truncate=true to cut the prompt from the left",
+                        f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
+                        "(the server does not cut responses: a cut response would be scored as different text)",
                         "request_too_large",
-                    )
-                state.metrics.truncations.inc()
-            seqs.append(seq)
+                    ) from None
+                except EncodingError as e:
+                    raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
+                if seq.truncated:
+                    if not truncate:
+                        raise ApiError(
+                            413,
+                            f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
+                            "send truncate=true to cut the prompt from the left",
+                            "request_too_large",
+                        )
+                    state.metrics.truncations.inc()
+                seqs.append(seq)
         state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
         return seqs
 
     async def score(
-        request: Request, make_pairs: Callable[[], list[tuple]], count: int, options: s.ScoringOptions,
+        request: Request, make_groups: Callable[[], list[Group]], count: int, options: s.ScoringOptions,
         token_rewards: bool = False,
     ) -> tuple[RewardModel, list[RewardResult]]:  # fmt: skip
         """Tokenize, queue and score one request's sequences, all within one request timeout."""
         model = ready_model()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.limits.request_timeout
-        seqs = await encode_all(request, model, make_pairs, count, options.truncate, deadline)
+        seqs = await encode_all(request, model, make_groups, count, options.truncate, deadline)
         job = Job(seqs, options.reference_free, token_rewards, loop, loop.create_future())
         try:
             state.batcher.submit(job)
@@ -280,7 +284,7 @@ def create_app(state: State, loader=None) -> FastAPI:
     @app.post("/v1/rewards", response_model=s.RewardsResponse)
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
         items = body.items
-        model, results = await score(request, lambda: [(it.conversation(), it.response) for it in items], len(items),
+        model, results = await score(request, lambda: [(it.conversation(), [it.response]) for it in items], len(items),
                                      body, body.return_token_rewards)  # fmt: skip
         data = [
             s.RewardData(
@@ -300,14 +304,10 @@ def create_app(state: State, loader=None) -> FastAPI:
     async def preference(body: s.PreferenceRequest, request: Request) -> s.PreferenceResponse:
         pairs = body.pairs
 
-        def make_pairs() -> list[tuple]:
-            out = []
-            for p in pairs:
-                conversation = p.conversation()
-                out += [(conversation, p.response_a), (conversation, p.response_b)]
-            return out
+        def make_groups() -> list[Group]:
+            return [(p.conversation(), [p.response_a, p.response_b]) for p in pairs]
 
-        model, results = await score(request, make_pairs, 2 * len(pairs), body)
+        model, results = await score(request, make_groups, 2 * len(pairs), body)
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
@@ -315,11 +315,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
 
     async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions):
-        def make_pairs() -> list[tuple]:
-            shared = conversation()
-            return [(shared, t) for t in texts]
-
-        model, results = await score(request, make_pairs, len(texts), options)
+        model, results = await score(request, lambda: [(conversation(), texts)], len(texts), options)
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 

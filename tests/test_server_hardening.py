@@ -50,7 +50,7 @@ def test_an_unexpected_failure_is_a_500_in_the_schema_and_counted(reward_model, 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(reward_model, "encode", broken)
+    monkeypatch.setattr(reward_model, "encode_responses", broken)
     with make_client(reward_model) as c:
         assert "RuntimeError" in _error(c.post("/v1/rewards", json=ITEM), 500)
         assert 'code="500"' in c.get("/metrics").text
@@ -67,13 +67,14 @@ def test_chunked_bodies_meet_the_body_limit(reward_model):
 
 def test_tokenizing_runs_off_the_event_loop(reward_model, monkeypatch):
     threads = []
-    encode_once = reward_model.encode
+    encode_lazily = reward_model.encode_responses
 
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return encode_once(*args, **kwargs)
+    def recording(*args):
+        for seq in encode_lazily(*args):
+            threads.append(threading.current_thread().name)
+            yield seq
 
-    monkeypatch.setattr(reward_model, "encode", recording)
+    monkeypatch.setattr(reward_model, "encode_responses", recording)
     with make_client(reward_model) as c:
         assert c.post("/v1/rewards", json=ITEM).status_code == 200
     assert threads and all(name.startswith("dporm-tokenize") for name in threads)
@@ -241,3 +242,20 @@ def test_serve_refuses_an_api_key_http_cannot_carry(artifact, capsys):
 
     assert main(["serve", str(artifact), "--api-key", "sékrit", "--port", str(free_port())]) == 1
     assert "printable ASCII" in capsys.readouterr().err
+
+
+def test_a_shared_prompt_is_rendered_once_and_encodes_as_alone(reward_model, monkeypatch):
+    tokenizer, rendered = reward_model.tokenizer, []
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda m, **kw: rendered.append(m) or render(m, **kw))
+    docs = ["Craters.", "Dust.", "Rock."]
+    seqs = list(reward_model.encode_responses(PROMPT, docs))
+    assert len(rendered) == 1 + len(docs)  # the prompt once, each prompt + response once
+    assert seqs == [encode(tokenizer, PROMPT, d, reward_model.max_length) for d in docs]
+    with make_client(reward_model) as c:
+        rendered.clear()
+        assert c.post("/v1/rerank", json={"query": PROMPT, "documents": docs}).status_code == 200
+        assert len(rendered) == 1 + len(docs)
+        bad = {"query": PROMPT, "documents": ["fine", "a\ud800b"]}
+        sent = c.post("/v1/rerank", content=json.dumps(bad), headers={"content-type": "application/json"})
+        assert _error(sent, 422).startswith("item 1: cannot tokenize")

@@ -102,13 +102,13 @@ def test_timed_out_requests_give_their_queue_places_back(reward_model, gated):
 
 
 def test_the_timeout_covers_tokenizing_and_its_backlog_is_bounded(reward_model, monkeypatch):
-    real = reward_model.encode
+    real = reward_model.encode_responses
 
-    def slow_encode(*args, **kwargs):
+    def slow_encode(*args):
         time.sleep(0.6)
-        return real(*args, **kwargs)
+        return real(*args)
 
-    monkeypatch.setattr(reward_model, "encode", slow_encode)
+    monkeypatch.setattr(reward_model, "encode_responses", slow_encode)
     state, client = served(reward_model, max_queue_requests=2, request_timeout=1.0)
 
     async def go():
