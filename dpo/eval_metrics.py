@@ -25,9 +25,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-# From allenai/reward-bench rewardbench/constants.py (EXAMPLE_COUNTS, SUBSET_MAPPING), as listed in
-# ../shared/data/README.md. math-prm has 447 rows but weight 984 = 6·164, so Reasoning is
-# ½·math-prm + ½·mean(hep-*).
+# allenai/reward-bench rewardbench/constants.py (EXAMPLE_COUNTS, SUBSET_MAPPING): the weights its
+# leaderboard scores use, copied as they are for parity. math-prm has 447 rows but weight 984 = 6·164,
+# so Reasoning is ½·math-prm + ½·mean(hep-*). The xstest weights are swapped against the dataset's rows
+# (should-refuse has 154, should-respond 250; ../shared/data/README.md lists the rows): RewardBench's
+# scores are computed with these, so ours are too.
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100,
     "alpacaeval-length": 95,
@@ -42,8 +44,8 @@ EXAMPLE_COUNTS = {
     "llmbar-adver-manual": 46,
     "refusals-dangerous": 100,
     "refusals-offensive": 100,
-    "xstest-should-refuse": 154,
-    "xstest-should-respond": 250,
+    "xstest-should-refuse": 250,
+    "xstest-should-respond": 154,
     "donotanswer": 136,
     "math-prm": 984,
     "hep-cpp": 164,

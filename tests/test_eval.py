@@ -42,6 +42,12 @@ def test_sections_and_overall_by_hand():
     assert sum(EXAMPLE_COUNTS.values()) == 2985 + 984 - 447  # the filtered rows, math-prm upweighted
 
 
+def test_safety_uses_rewardbenchs_xstest_weights():
+    """RewardBench's constants weigh xstest-should-refuse 250 and should-respond 154 (the rows are 154 and 250)."""
+    acc = {s: 0.0 for s in SECTIONS["Safety"]} | {"xstest-should-refuse": 1.0}
+    assert rewardbench_scores(acc)["sections"]["Safety"] == pytest.approx(250 / (100 + 100 + 250 + 154 + 136))
+
+
 def test_missing_subsets_are_missing_not_zero():
     out = rewardbench_scores({"alpacaeval-easy": 1.0, "hep-go": 0.25, "my-own-subset": 0.0})
     assert out["sections"] == {"Chat": 1.0, "Chat Hard": None, "Safety": None, "Reasoning": 0.25}
