@@ -22,12 +22,14 @@ from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.lora import is_adapter_dir, load_merged_adapter
 from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
-from dpo.models import context_length, has_tokenizer, load_model, load_tokenizer, weights_hash
-
-# Config fields that fix the shapes and the computation of a decoder: they must agree between the two.
-ARCHITECTURE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "hidden_act", "tie_word_embeddings")  # fmt: skip
+from dpo.models import (
+    check_same_architecture,
+    context_length,
+    has_tokenizer,
+    load_model,
+    load_tokenizer,
+    weights_hash,
+)
 
 
 def _say(msg: str) -> None:
@@ -44,12 +46,7 @@ def check_configs(policy: str, reference: str, trust_remote_code: bool) -> tuple
             configs.append(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as e:
             raise DpormError(f"cannot load the config of {path}: {str(e).splitlines()[0]}") from None
-    a, b = (c.to_dict() for c in configs)
-    # A field one config leaves out (older configs have no "architectures") is not a difference.
-    differ = [f"{k} {a[k]!r} vs {b[k]!r}" for k in ARCHITECTURE_KEYS
-              if a.get(k) is not None and b.get(k) is not None and a[k] != b[k]]  # fmt: skip
-    if differ:
-        raise DpormError(f"policy and reference architectures differ: {'; '.join(differ)}")
+    check_same_architecture(*configs)
     return configs[0], configs[1]
 
 

@@ -95,18 +95,52 @@ def load_model(
         raise DpormError(f"--dtype {PAIRED} scores a policy with its reference: use it with score, serve or eval")
     _check_local(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=resolve_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as e:
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless pickle is allowed)"
         raise DpormError(f"cannot load model from {path}: {str(e).splitlines()[0]}{hint}") from None
+    _check_loading(path, loading)
     if dtype == MIXED:
         mix_precision(model)
     return model.to(resolve_device(device)).eval()
+
+
+def _check_loading(path: str, loading: dict) -> None:
+    """A one-line error when the checkpoint's weights do not fill the model its config describes.
+
+    transformers only logs missing weights (left randomly initialised) and unexpected ones: a model
+    scored that way gives meaningless rewards.
+    """
+    problems = []
+    for kind in ("missing", "unexpected", "mismatched"):
+        keys = sorted(str(k) for k in loading.get(f"{kind}_keys") or ())
+        if keys:
+            problems.append(f"{len(keys)} {kind} (e.g. {keys[0]})")
+    if problems:
+        raise DpormError(f"{path}: the weights do not match the model its config describes: {', '.join(problems)}")
+
+
+# Config fields that fix the shapes and the computation of a decoder: a policy and its reference must agree.
+ARCHITECTURE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "hidden_act", "tie_word_embeddings")  # fmt: skip
+
+
+def check_same_architecture(policy_config, reference_config) -> None:
+    """A one-line error unless the two configs describe the same architecture."""
+    # getattr resolves a config's own names (GPT-2's n_layer for num_hidden_layers). A field one config
+    # leaves out (older configs have no "architectures") is not a difference.
+    a, b = ({k: getattr(c, k, None) for k in ARCHITECTURE_KEYS} for c in (policy_config, reference_config))
+    differ = [f"{k} {a[k]!r} vs {b[k]!r}" for k in ARCHITECTURE_KEYS
+              if a[k] is not None and b[k] is not None and a[k] != b[k]]  # fmt: skip
+    if differ:
+        raise DpormError(f"policy and reference architectures differ: {'; '.join(differ)}")
 
 
 # Config fields that hold the number of positions a model attends over (GPT-2's names map onto the first).

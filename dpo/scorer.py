@@ -331,7 +331,7 @@ def load_reward_model(
     """From an artifact directory (``dporm.json``), or from ``policy`` + ``reference`` + ``beta``."""
     from dpo.logprobs_command import resolve_model_path
     from dpo.lora import is_adapter_dir, load_adapter, load_merged_adapter
-    from dpo.models import PAIRED, has_tokenizer, load_model, load_tokenizer, weights_hash
+    from dpo.models import PAIRED, check_same_architecture, has_tokenizer, load_model, load_tokenizer, weights_hash
 
     paired = dtype == PAIRED
     if artifact:
@@ -384,6 +384,8 @@ def load_reward_model(
             _check_tokenizers(policy_path, reference_path, trust_remote_code)
         policy_model = load_model(policy_path, **load)
         ref_model = load_model(reference_path, **load) if reference_path else None
+        if ref_model is not None:
+            check_same_architecture(policy_model.config, ref_model.config)
         ref_hash = weights_hash(ref_model) if ref_model is not None else None
     info = {
         "policy": policy_path,

@@ -1,6 +1,8 @@
 """RewardModel limits and bookkeeping: the effective max_length, reference-cache copies, paired results on CPU."""
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo.cli import main
 from dpo.encoding import Encoded
-from dpo.errors import ResponseTooLongError
+from dpo.errors import DpormError, ResponseTooLongError
 from dpo.logprobs import sequence_logprobs
 from dpo.lora import apply_lora
 from dpo.scorer import RewardModel, load_reward_model
@@ -63,6 +65,28 @@ def test_score_cli_direct_mode_refuses_or_truncates_over_long_records(gpt2_pair,
     assert main([*argv, "--truncate", "--output", str(out)]) == 0
     row = json.loads(out.read_text())
     assert row["truncated_chosen"] and row["tokens_chosen"] == 63
+
+
+def test_weights_that_do_not_fill_the_config_and_unlike_architectures_are_refused(
+    gpt2_pair, smollm_tokenizer, tmp_path, capsys
+):
+    paths, data = gpt2_pair
+    for name, layers, kind in (("short", 2, "missing"), ("long", 0, "unexpected")):
+        bad = tmp_path / name
+        shutil.copytree(paths["policy"], bad)
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(config | {"n_layer": layers}))
+        assert main(["score", "--policy", str(bad), "--reference", paths["reference"], "--beta", "0.1",
+                     "--data", data, "--output", str(tmp_path / "out.jsonl")]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert re.search(rf"do not match the model its config describes: \d+ {kind} \(e\.g\. transformer\.h\.", err)
+        assert "Traceback" not in err
+    deeper = tmp_path / "deeper"
+    shutil.copytree(paths["policy"], deeper)
+    config = GPT2Config(vocab_size=len(smollm_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(deeper)
+    with pytest.raises(DpormError, match="architectures differ: num_hidden_layers 2 vs 1"):
+        load_reward_model(policy=str(deeper), reference=paths["reference"], beta=0.1, device="cpu")
 
 
 def test_max_length_is_at_most_the_smaller_context():
