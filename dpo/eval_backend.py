@@ -52,6 +52,7 @@ class ResponseScore:
     score: float
     tokens: int
     truncated: bool
+    rechecked: bool = False  # bf16-paired: a close group rescored by the float32 models
 
 
 class Backend(Protocol):
@@ -104,8 +105,8 @@ class OfflineBackend:
     def encode(self, group: Group):
         if self.compat:
             return compat_encode(self.model.tokenizer, group.prompt, list(group.responses))
-        # Over-long rows are cut (prompt from the left, then the response), as RewardBench and the server do.
-        return [self.model.encode(group.prompt, r, allow_response_truncation=True) for r in group.responses]
+        # Over-long rows are cut (prompt from the left, then the response), as RewardBench does.
+        return list(self.model.encode_responses(group.prompt, group.responses, allow_response_truncation=True))
 
     def score_groups(self, groups: Sequence[Group]) -> list[list[ResponseScore] | str]:
         encoded: list = []
@@ -128,6 +129,6 @@ class OfflineBackend:
                 value = mode_score(
                     self.mode, r.reward, r.logp_policy, r.response_tokens, r.token_rewards, self.model.beta
                 )
-                row.append(ResponseScore(value, r.response_tokens, seq.truncated))
+                row.append(ResponseScore(value, r.response_tokens, seq.truncated, r.rechecked))
             out.append(row)
         return out

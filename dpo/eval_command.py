@@ -14,7 +14,7 @@ from pathlib import Path
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
 from dpo.eval_runner import SCORES_FILE, Row, digest, run_rows
-from dpo.manifest import DTYPE_HELP, RECHECK_NATS, add_recheck_argument
+from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
 
 DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "train"}
 OFFLINE_ONLY = {
@@ -22,13 +22,13 @@ OFFLINE_ONLY = {
     "device": "auto",
     "allow_pickle": False,
     "trust_remote_code": False,
-    "recheck": RECHECK_NATS,
+    "recheck": None,
 }
 
 
 def _check_args(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
-    require_at_least(args, ("max_retries", "recheck"), 0)
+    require_at_least(args, ("max_retries",), 0)
     if args.timeout <= 0:
         raise DpormError(f"--timeout must be positive, got {args.timeout:g}")
     require_writable(args.output, parents=True, directory=True)
@@ -54,6 +54,7 @@ def _check_args(args: argparse.Namespace) -> None:
         from dpo.models import resolve_device, resolve_dtype
 
         resolve_dtype(args.dtype), resolve_device(args.device)
+        resolve_recheck(args)
 
 
 def make_backend(args: argparse.Namespace, mode: ScoreMode):
@@ -183,7 +184,8 @@ def run_eval(args: argparse.Namespace) -> dict:
         config_hash=digest(config),
         model=model,
         data={"source": args.data, "sha256": data_hash, "rows": len(rows), "scored": scored,
-              "failed": len(rows) - scored, "skipped": len(skipped)},  # fmt: skip
+              "failed": len(rows) - scored, "skipped": len(skipped),
+              "rechecked": sum(bool(r.get("rechecked")) for r in records.values())},  # fmt: skip
         timings={"load_seconds": load_seconds, "score_seconds": score_seconds,
                  "total_seconds": time.perf_counter() - started, "rows_scored_now": todo,
                  "rows_per_second": todo / max(score_seconds, 1e-9)},

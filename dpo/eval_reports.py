@@ -139,6 +139,9 @@ def print_table(results: dict) -> None:
                      "(see --max-length)" if not results["config"]["rewardbench_compat"] else
                      f"{results['truncated_rows']} row(s) cut by RewardBench's 2048/128 rule")  # fmt: skip
     t, d = results["timings"], results["data"]
+    if d.get("rechecked"):
+        tolerance = results["model"].get("recheck")
+        lines.append(f"{d['rechecked']} close row(s) rescored in float32 (--recheck {tolerance:g})")
     lines.append(f"rows {d['scored']}/{d['rows']} scored ({d['failed']} failed, {d['skipped']} skipped); "
                  f"{t['score_seconds']:.1f} s scoring, {t['rows_per_second']:.2f} rows/s")  # fmt: skip
     print("\n".join(lines))

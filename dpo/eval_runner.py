@@ -100,6 +100,8 @@ def run_rows(
                     record["scores"] = [r.score for r in result]
                     record["tokens"] = [r.tokens for r in result]
                     record["truncated"] = [r.truncated for r in result]
+                    if any(r.rechecked for r in result):
+                        record["rechecked"] = True
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 done[row.key] = record
             f.flush()

@@ -37,9 +37,21 @@ RECHECK_NATS = 0.15
 
 
 def add_recheck_argument(p) -> None:
-    p.add_argument("--recheck", type=float, default=RECHECK_NATS, metavar="NATS",
-                   help="bf16-paired: rescore with the float32 models every pair (group) whose rewards lie "
-                   f"within NATS of log-ratio each of a tie (default {RECHECK_NATS:g}; 0 = off)")  # fmt: skip
+    p.add_argument("--recheck", type=float, default=None, metavar="NATS",
+                   help="with --dtype bf16-paired: rescore with the float32 models every pair (group) whose rewards "
+                   f"lie within NATS of log-ratio each of a tie (default {RECHECK_NATS:g}; 0 = off)")  # fmt: skip
+
+
+def resolve_recheck(args) -> None:
+    """``args.recheck``: the default tolerance with bf16-paired, 0 otherwise; given with another dtype, an error."""
+    from dpo.models import PAIRED
+
+    if args.recheck is None:
+        args.recheck = RECHECK_NATS if args.dtype == PAIRED else 0.0
+    elif args.dtype != PAIRED:
+        raise DpormError(f"--recheck applies to --dtype {PAIRED} only (other precisions have nothing to recheck)")
+    elif not (math.isfinite(args.recheck) and args.recheck >= 0):
+        raise DpormError(f"--recheck must be a finite number of nats >= 0, got {args.recheck:g}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
-from dpo.manifest import DTYPE_HELP, add_recheck_argument
+from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
 from dpo.models import resolve_device, resolve_dtype
 from dpo.preference_data import load_rows
 from dpo.scorer import load_reward_model
@@ -30,8 +30,8 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 def run_score(args: argparse.Namespace) -> None:
     require_at_least(args, ("batch_size", "limit"))
-    require_at_least(args, ("recheck",), 0)
     resolve_dtype(args.dtype), resolve_device(args.device)  # bad names fail before any work
+    resolve_recheck(args)
     if args.output:
         require_writable(args.output)
     rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))

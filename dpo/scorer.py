@@ -150,9 +150,12 @@ class RewardModel:
         allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
         return encode(self.tokenizer, prompt, response, self.max_length, allow)
 
-    def encode_responses(self, prompt: Prompt, responses: Sequence[str]) -> Iterator[Encoded]:
+    def encode_responses(
+        self, prompt: Prompt, responses: Sequence[str], allow_response_truncation: bool | None = None
+    ) -> Iterator[Encoded]:
         """:meth:`encode` of each response to one prompt, lazily; the prompt is tokenized once."""
-        return encode_responses(self.tokenizer, prompt, responses, self.max_length, self.allow_response_truncation)
+        allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
+        return encode_responses(self.tokenizer, prompt, responses, self.max_length, allow)
 
     def _reference_token_logps(self, seqs: Sequence[Encoded]) -> tuple[list[torch.Tensor], list[bool]]:
         cached = [self.ref_cache.get(s) for s in seqs]

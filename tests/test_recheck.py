@@ -124,13 +124,18 @@ def test_score_command_reports_rechecked_pairs(smollm_tokenizer, tmp_path, capsy
     assert "1 close pair(s) rescored in float32 (--recheck 1e-09)" in capsys.readouterr().out
     assert main(argv) == 0 and "rechecked" not in out.read_text()  # float32: nothing to recheck
     assert main(argv + ["--dtype", "bf16-paired", "--recheck", "-1"]) == 1
-    assert "--recheck must be at least 0" in capsys.readouterr().err
+    assert "--recheck must be a finite number of nats >= 0" in capsys.readouterr().err
+    assert main(argv + ["--recheck", "0.5"]) == 1  # float32 has nothing to recheck: not silently ignored
+    assert "--recheck applies to --dtype bf16-paired only" in capsys.readouterr().err
     # dporm eval rescores the same way, and records the tolerance with the run's configuration.
     models = argv[1:7]
     run = ["eval", "pairs", *models, "--data", str(data), "--output", str(tmp_path / "eval"), "--dtype", "bf16-paired"]
-    assert main(run + ["--recheck", "1e-9"]) == 0
+    assert main(run + ["--recheck", "10"]) == 0  # eval pairs skips the tie; the other pair is within 10 nats
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["config"]["model"]["recheck"] == 1e-9, results["config"]
+    assert results["config"]["model"]["recheck"] == 10, results["config"]
+    assert results["data"]["rechecked"] == 1 and "1 close row(s) rescored in float32" in capsys.readouterr().out
+    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [r.get("rechecked") for r in scores] == [True]
 
 
 def test_eval_takes_recheck_offline_only(tmp_path, capsys):
