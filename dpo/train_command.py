@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,10 @@ from dpo.train_log import MetricsLog, plot_curves
 from dpo.trainer import PolicyScorer, Trainer
 
 # Options that do not change the trained weights: they may differ between a run and its resume.
+# Options a resumed run may change; the checkpoint lies in --output, which may have moved or be spelled otherwise.
 RESUME_FREE = {"resume", "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "config",
-               "cache_dir", "ref_cache_dir"}  # fmt: skip
+               "cache_dir", "ref_cache_dir", "output"}  # fmt: skip
+PATH_OPTIONS = ("data", "eval_data", "model", "reference")  # equal when they name the same local file or directory
 OUTPUTS = ("dporm.json", "metrics.jsonl", "checkpoints", "policy")
 
 
@@ -64,9 +67,21 @@ def _check_output(c: TrainConfig, output: Path) -> Path | None:
 
 def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
     saved = json.loads((checkpoint / "state.json").read_text())["config"]
-    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUME_FREE and saved.get(k) != v)
+
+    def differs(key: str, value: object) -> bool:
+        return saved.get(key) != value and not (key in PATH_OPTIONS and _same_path(saved.get(key), value))
+
+    changed = sorted(k for k, v in config.to_dict().items() if k not in RESUME_FREE and differs(k, v))
     if changed:
         raise DpormError(f"--resume: options differ from the checkpointed run: {', '.join(changed)}")
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    """Whether two spellings name one existing local file or directory (relative to this working directory)."""
+    try:
+        return a is not None and b is not None and os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # either is missing here, or a hub id
+        return False
 
 
 def run_train(given: dict) -> Path:
