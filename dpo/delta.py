@@ -80,6 +80,7 @@ class DeltaReport:
     energy: float | None = None
     adapter_parameters: int = 0
     norms_saved: list[str] = field(default_factory=list)
+    past_break_even: list[str] = field(default_factory=list)  # layers whose factors hold more numbers than Δ
     policy_plus_reference_bytes: int = 0
     reference_plus_adapter_bytes: int = 0
 
@@ -131,6 +132,11 @@ def lowrank_factors(delta: torch.Tensor, k: int, method: str = "auto") -> tuple[
     return u * root, root[:, None] * vh
 
 
+def break_even_rank(m: int, n: int) -> int:
+    """⌊m·n / (m + n)⌋: rank-K factors of an m×n matrix hold K·(m + n) numbers, more than m·n past this K."""
+    return m * n // (m + n)
+
+
 def energy_rank(delta: torch.Tensor, energy: float) -> int:
     """Smallest K with Σ_{i≤K} σ_i² ≥ energy · ‖Δ‖²_F, at most the break-even rank ⌊m·n / (m + n)⌋."""
     m, n = delta.shape
@@ -139,7 +145,7 @@ def energy_rank(delta: torch.Tensor, energy: float) -> int:
         return 1
     kept = power.cumsum(0) / power.sum()
     k = int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)[0]) + 1
-    return max(1, min(k, m * n // (m + n), len(power)))
+    return max(1, min(k, break_even_rank(m, n), len(power)))
 
 
 def _decoder_linears(model) -> dict[str, torch.nn.Linear]:
@@ -231,6 +237,8 @@ def build_delta_adapter(
         if isinstance(linears[name], torch.nn.Embedding):
             delta = delta.T  # PEFT adds row t of (B A)ᵀ to an embedding lookup
         k = energy_rank(delta, energy) if rank == "auto" else min(rank, *delta.shape)
+        if k > break_even_rank(*delta.shape):
+            report.past_break_even.append(name)
         b, a = lowrank_factors(delta, k, svd)
         norm = torch.linalg.matrix_norm(delta)
         report.layer_errors[name] = float(torch.linalg.matrix_norm(delta - b @ a) / norm) if norm > 0 else 0.0

@@ -209,8 +209,17 @@ def _extract_delta(args, manifest: Manifest, tokenizer, policy, reference, outpu
     manifest.metrics["delta"] = delta = report.to_dict()
     errors, memory = delta["relative_frobenius_error"], delta["memory_bytes"]
     ranks = delta["ranks"]
-    chosen = f"auto (energy {report.energy}, ranks {ranks['min']}–{ranks['max']}, mean {ranks['mean']:.1f})"
-    _say(f"delta rank {chosen if report.rank == 'auto' else report.rank}: {delta['layers']} linear layers, "
+    if report.rank == "auto":
+        chosen = f"auto (energy {report.energy}, ranks {ranks['min']}–{ranks['max']}, mean {ranks['mean']:.1f})"
+    elif ranks["min"] != report.rank or ranks["max"] != report.rank:  # capped at min(m, n) per layer
+        chosen = f"{report.rank} (per layer at most its smaller side: ranks {ranks['min']}–{ranks['max']})"
+    else:
+        chosen = str(report.rank)
+    if report.past_break_even:
+        _say(f"warning: --delta-rank {report.rank} is past the break-even rank of {len(report.past_break_even)} of "
+             f"{delta['layers']} layers (e.g. {report.past_break_even[0]}): their factors hold more numbers than the "
+             "delta itself; a smaller rank or --delta-rank auto saves more memory")  # fmt: skip
+    _say(f"delta rank {chosen}: {delta['layers']} linear layers, "
          "relative Frobenius error mean "
          f"{errors['mean']:.4f} max {errors['max']:.4f}; {report.adapter_parameters:,} adapter parameters"
          + (f", {len(report.norms_saved)} norm(s) stored whole" if report.norms_saved else ""))  # fmt: skip

@@ -98,6 +98,9 @@ class Manifest:
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(self), f, indent=2, ensure_ascii=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); an artifact is for sharing
         target = directory / FILENAME
         os.replace(tmp, target)
         return target

@@ -106,3 +106,13 @@ def test_max_length_defaults_to_the_context_and_is_checked(smollm_tokenizer, tmp
     one_line_error(capsys, "--max-length 65 exceeds the models' context of 64 positions")
     assert main([*argv, str(tmp_path / "c"), "--max-length", "32"]) == 0
     assert Manifest.load(tmp_path / "c").tokenization["max_length"] == 32
+
+
+def test_a_rank_past_break_even_is_capped_per_layer_and_warned(tied, tmp_path, capsys):
+    capsys.readouterr()
+    assert extract(tied["policy"], tied["reference"], tmp_path / "big", "--delta-rank", "100000") == 0
+    err = capsys.readouterr().err
+    assert "warning: --delta-rank 100000 is past the break-even rank of" in err
+    assert "delta rank 100000 (per layer at most its smaller side: ranks" in err
+    ranks = Manifest.load(tmp_path / "big").metrics["delta"]["ranks"]
+    assert ranks["max"] < 100000

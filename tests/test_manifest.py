@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -109,3 +110,12 @@ def test_an_artifact_missing_its_policy_does_not_load_the_working_directorys(tmp
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     assert main(["score", str(tmp_path / "artifact"), "--data", str(data), "--device", "cpu"]) == 1
     assert f"{(tmp_path / 'artifact' / 'policy').resolve()}: no such model directory" in capsys.readouterr().err
+
+
+def test_the_manifest_is_readable_as_any_file_the_user_writes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = Manifest("policy", None, beta=0.1).save(tmp_path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
