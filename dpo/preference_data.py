@@ -246,7 +246,7 @@ def load_rows(source: str, split: str = "train"):
             builder = LOCAL_BUILDERS.get(suffixes[-1] if suffixes else "")
             if builder is None:
                 raise DpormError(f"{source}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _quietly(datasets, lambda: datasets.load_dataset(builder, data_files=str(path), split="train"))
         if source.startswith((".", "/", "~")) or path.suffix:
             raise DpormError(f"{source}: no such file or directory")
         return datasets.load_dataset(source, split=split)
@@ -254,6 +254,16 @@ def load_rows(source: str, split: str = "train"):
         cause = e.__cause__ or e  # a generation error wraps the parser's own message
         why = str(cause).splitlines()[0] if str(cause) else f"{type(cause).__name__} (a malformed file?)"
         raise DpormError(f"cannot load {source}: {why}") from None
+
+
+def _quietly(datasets, load):
+    """``load()`` without datasets' own error log lines: a malformed file ends in our one-line error instead."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        return load()
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def load_preferences(source: str, cols: Columns = Columns(), split: str = "train", strict: bool = False,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.errors import DpormError, EncodingError, require_at_least, require_writable
+from dpo.errors import DpormError, EncodingError, ResponseTooLongError, require_at_least, require_writable
 from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
 from dpo.models import resolve_device, resolve_dtype
 from dpo.preference_data import load_rows
@@ -41,7 +41,8 @@ def run_score(args: argparse.Namespace) -> None:
         raise DpormError(f"{args.data}: no record has 'prompt' with 'response' or 'chosen'/'rejected' strings")
     usable = [i for i, f in enumerate(shapes) if f == kind]
     if len(usable) < len(rows):
-        print(f"skipped {len(rows) - len(usable)} record(s) without {'/'.join(kind)}", file=sys.stderr)
+        print(f"skipped {len(rows) - len(usable)} record(s) without a string or messages 'prompt' and "
+              f"{'/'.join(kind)} strings", file=sys.stderr)  # fmt: skip
     model = load_reward_model(
         args.artifact,
         args.policy,
@@ -53,15 +54,18 @@ def run_score(args: argparse.Namespace) -> None:
         args.allow_pickle,
         normalize=args.normalize,
     )
-    encoded, failed = {}, []
+    encoded, failed, too_long = {}, [], 0
     for i in usable:
         try:
-            encoded[i] = [model.encode(rows[i]["prompt"], rows[i][f], args.truncate or None) for f in kind]
+            responses = [rows[i][f] for f in kind]
+            encoded[i] = list(model.encode_responses(rows[i]["prompt"], responses, args.truncate or None))
         except EncodingError as e:
             failed.append(f"{i + 1} ({e})")
+            too_long += isinstance(e, ResponseTooLongError)
     if failed:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        print(f"skipped {len(failed)} record(s) that cannot be encoded (--truncate cuts them): "
+        hint = f" ({too_long} too long: --truncate cuts them)" if too_long and not args.truncate else ""
+        print(f"skipped {len(failed)} record(s) that cannot be encoded{hint}: "
               f"{'; '.join(failed[:3])}{more}", file=sys.stderr)  # fmt: skip
     usable = [i for i in usable if i in encoded]
     if not usable:
