@@ -35,17 +35,8 @@ class _Parser(argparse.ArgumentParser):
         raise DpormError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate.")
-    parser.add_argument("--version", action="version", version=f"dporm {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    model = commands.add_parser(
-        "model",
-        help="manage the embedded default model",
-        description="Manage the embedded default model (SmolLM2-135M-Instruct).",
-    )
-    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+def _setup_model(p: argparse.ArgumentParser) -> None:
+    model_commands = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     pull = model_commands.add_parser(
         "pull",
         help="fetch and convert the default model; prints its path last",
@@ -56,81 +47,100 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
     pull.set_defaults(run=_run_model_pull)
 
-    logprobs = commands.add_parser(
-        "logprobs",
-        help="response log-probs of a JSONL file under one model",
-        description="Sum and mean log π(response | prompt) over response tokens for each record of a "
-        "JSONL/JSON file with 'prompt' and 'response', or 'prompt', 'chosen' and 'rejected'.",
-    )
-    logprobs.add_argument("--data", required=True, help="JSONL (.gz ok) or JSON list of records")
-    logprobs.add_argument("--output", help="write one JSON result per record here (default: table only)")
-    logprobs.add_argument("--limit", type=int, help="use only the first N records")
-    logprobs.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
-    logprobs.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
-    _add_model_options(logprobs)
-    logprobs.set_defaults(run=_run_logprobs)
 
+def _setup_logprobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="JSONL (.gz ok) or JSON list of records")
+    p.add_argument("--output", help="write one JSON result per record here (default: table only)")
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
+    p.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
+    _add_model_options(p)
+    p.set_defaults(run=_run_logprobs)
+
+
+def _setup_train(p: argparse.ArgumentParser) -> None:
     from dpo.train_config import add_train_arguments
 
-    train = commands.add_parser(
-        "train",
-        help="train a DPO policy; writes a reward-model artifact",
-        description="Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF "
-        "dialogues or rankings) and write a reward-model artifact: the policy (LoRA adapter or full "
-        "checkpoint) plus dporm.json. Options may also come from --config (YAML/TOML); flags override it. "
-        "Multi-process: accelerate launch -m dpo.cli train ...",
-    )
-    add_train_arguments(train)
-    train.set_defaults(run=_run_train)
+    add_train_arguments(p)
+    p.set_defaults(run=_run_train)
 
+
+def _setup_score(p: argparse.ArgumentParser) -> None:
     from dpo.score_command import add_score_arguments
 
-    score = commands.add_parser(
-        "score",
-        help="rewards of a file of records, offline",
-        description="Score prompt/response or prompt/chosen/rejected records with a reward-model artifact "
-        "(or --policy/--reference/--beta): r = β·(log π − log π_ref) over response tokens. Pairs also get "
-        "the accuracy (chosen > rejected) with a 95% CI.",
-    )
-    add_score_arguments(score)
-    score.set_defaults(run=_run_score)
+    add_score_arguments(p)
+    p.set_defaults(run=_run_score)
 
-    from dpo.extract_command import add_extract_arguments, run_extract
 
-    extract = commands.add_parser(
-        "extract",
-        help="build a reward-model artifact from an existing policy/reference pair",
-        description="Check that a DPO policy and its reference share tokenizer and architecture, and write a "
-        "reward-model artifact (dporm.json) that dporm serve/score read with no other flags. --copy stores the "
-        "policy as safetensors; --delta-rank K stores it as a rank-K LoRA delta over the reference (truncated "
-        "SVD per linear layer), with --fidelity-data measuring the delta's reward agreement with the exact policy.",
-    )
-    add_extract_arguments(extract)
-    extract.set_defaults(run=run_extract)
+def _setup_extract(p: argparse.ArgumentParser) -> None:
+    from dpo.extract_command import add_extract_arguments
 
-    serve = commands.add_parser(
-        "serve",
-        help="serve a reward-model artifact over HTTP",
-        description="Serve the DPO implicit reward: POST /v1/rewards, /v1/preference, /v1/rerank, /rerank (TEI); "
-        "GET /health, /ready, /info, /v1/models, /metrics; OpenAPI at /docs.",
-    )
-    from server.serve import add_serve_arguments
+    add_extract_arguments(p)
+    p.set_defaults(run=_run_extract)
 
-    add_serve_arguments(serve)
-    serve.set_defaults(run=_run_serve)
 
+def _setup_serve(p: argparse.ArgumentParser) -> None:
+    from server.serve_options import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(run=_run_serve)
+
+
+def _setup_eval(p: argparse.ArgumentParser) -> None:
     from dpo.eval_command import add_eval_arguments
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="RewardBench v1/v2 and preference-pair evaluation, offline or against servers",
-        description="Evaluate a reward-model artifact (or --policy/--reference/--beta, or --server URL) on "
-        "RewardBench (rewardbench), RewardBench 2 (rewardbench2) or any preference pairs (pairs). Writes "
-        "results.json, scores.jsonl (resumable), margins.png and reliability.png to --output.",
-    )
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(run=_run_eval)
+    add_eval_arguments(p)
+    p.set_defaults(run=_run_eval)
+
+
+# name: (help, description, setup). A command's options (and the modules they come from) are built only
+# when that command runs or asks for --help, so `dporm --help` does not import torch.
+COMMANDS = {
+    "model": ("manage the embedded default model", "Manage the embedded default model (SmolLM2-135M-Instruct).",
+              _setup_model),
+    "logprobs": ("response log-probs of a JSONL file under one model",
+                 "Sum and mean log π(response | prompt) over response tokens for each record of a JSONL/JSON file "
+                 "with 'prompt' and 'response', or 'prompt', 'chosen' and 'rejected'.", _setup_logprobs),
+    "train": ("train a DPO policy; writes a reward-model artifact",
+              "Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF dialogues or "
+              "rankings) and write a reward-model artifact: the policy (LoRA adapter or full checkpoint) plus "
+              "dporm.json. Options may also come from --config (YAML/TOML); flags override it. Multi-process: "
+              "accelerate launch -m dpo.cli train ...", _setup_train),
+    "score": ("rewards of a file of records, offline",
+              "Score prompt/response or prompt/chosen/rejected records with a reward-model artifact (or "
+              "--policy/--reference/--beta): r = β·(log π − log π_ref) over response tokens. Pairs also get the "
+              "accuracy (chosen > rejected) with a 95% CI.", _setup_score),
+    "extract": ("build a reward-model artifact from an existing policy/reference pair",
+                "Check that a DPO policy and its reference share tokenizer and architecture, and write a "
+                "reward-model artifact (dporm.json) that dporm serve/score read with no other flags. --copy stores "
+                "the policy as safetensors; --delta-rank K stores it as a rank-K LoRA delta over the reference "
+                "(truncated SVD per linear layer), with --fidelity-data measuring the delta's reward agreement "
+                "with the exact policy.", _setup_extract),
+    "serve": ("serve a reward-model artifact over HTTP",
+              "Serve the DPO implicit reward: POST /v1/rewards, /v1/preference, /v1/rerank (also /v2/rerank), "
+              "/rerank (TEI); GET /health, /ready, /info, /v1/models, /metrics; OpenAPI at /docs.", _setup_serve),
+    "eval": ("RewardBench v1/v2 and preference-pair evaluation, offline or against servers",
+             "Evaluate a reward-model artifact (or --policy/--reference/--beta, or --server URL) on RewardBench "
+             "(rewardbench), RewardBench 2 (rewardbench2) or any preference pairs (pairs). Writes results.json, "
+             "scores.jsonl (resumable), margins.png and reliability.png to --output.", _setup_eval),
+}  # fmt: skip
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command's options, or only those of command ``only`` (``""``: none, for --help)."""
+    parser = _Parser(prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate.")
+    parser.add_argument("--version", action="version", version=f"dporm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, description, setup) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        if only is None or only == name:
+            setup(command)
     return parser
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command named on a command line ("" when none is, as in ``dporm --help``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -163,6 +173,12 @@ def _run_score(args: argparse.Namespace) -> None:
     run_score(args)
 
 
+def _run_extract(args: argparse.Namespace) -> None:
+    from dpo.extract_command import run_extract
+
+    run_extract(args)
+
+
 def _run_serve(args: argparse.Namespace) -> None:
     from server.serve import run_serve
 
@@ -171,7 +187,8 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(only=_command_in(argv)).parse_args(argv)
         keep_freed_memory()  # before any model work: see dpo.allocator
         args.run(args)
     except DpormError as e:

@@ -13,10 +13,6 @@ from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError, ResponseTooLongError, require_at_least, require_writable
 from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
-from dpo.models import resolve_device, resolve_dtype
-from dpo.preference_data import load_rows
-from dpo.scorer import load_reward_model
-from dpo.trainer import wilson_interval
 
 
 def _fields(row: dict) -> tuple[str, ...] | None:
@@ -29,6 +25,11 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 
 def run_score(args: argparse.Namespace) -> None:
+    from dpo.models import resolve_device, resolve_dtype
+    from dpo.preference_data import load_rows
+    from dpo.scorer import load_reward_model
+    from dpo.trainer import wilson_interval
+
     require_at_least(args, ("batch_size", "limit"))
     resolve_dtype(args.dtype), resolve_device(args.device)  # bad names fail before any work
     resolve_recheck(args)

@@ -68,3 +68,14 @@ def test_logprobs_on_pairs_with_the_default_model(tmp_path, default_model_dir):
     assert result["logp_chosen"] > result["logp_rejected"]
     assert result["tokens_chosen"] == result["tokens_rejected"]
     assert "1/1 pairs" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["score", "--help"], ["serve", "--help"], ["eval", "rewardbench", "--help"]]
+)
+def test_help_imports_no_model_code(argv):
+    """Only the named command's options are built: help and usage errors come back at once, without torch."""
+    code = (f"import sys\nfrom dpo.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "usage: dporm" in done.stdout and done.stderr.strip().splitlines()[-1] == "False", done.stderr
