@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dpo import __version__
@@ -180,6 +181,16 @@ def _run_extract(args: argparse.Namespace) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
+    import signal
+
+    def stop_before_serving(signum, frame) -> None:
+        # Nothing is in flight yet: a clean stop. Not SystemExit: import machinery (transformers' lazy
+        # modules) would catch it mid-import and turn it into an error.
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+    # Until uvicorn installs its own handlers (importing the app takes seconds), SIGTERM is a clean exit too.
+    signal.signal(signal.SIGTERM, stop_before_serving)
     from server.serve import run_serve
 
     run_serve(args)

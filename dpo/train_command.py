@@ -56,6 +56,8 @@ def _load_data(c: TrainConfig, report) -> tuple[PreferenceData, PreferenceData]:
 def _check_output(c: TrainConfig, output: Path) -> Path | None:
     """The checkpoint to resume from; refuses to overwrite an earlier run's output."""
     if c.resume:
+        if (output / "dporm.json").exists():  # written last: the run finished
+            raise DpormError(f"--resume: {output} holds a finished run (its dporm.json is written); nothing to resume")
         found = list_checkpoints(output)
         if not found:
             raise DpormError(f"--resume: no checkpoint under {output / 'checkpoints'}")

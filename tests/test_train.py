@@ -214,6 +214,8 @@ def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert [r["step"] for r in cut_log] == [r["step"] for r in full_log]  # lines after the checkpoint replaced
     assert cut_log[-1]["loss"] == full_log[-1]["loss"]
     assert len(list((cut / "checkpoints").glob("step-*"))) == 2
+    assert main([*_base_args(tiny_model_dir, cut), "--resume"]) == 1  # finished: nothing to resume, log untouched
+    assert read_metrics(cut / "metrics.jsonl") == cut_log
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
