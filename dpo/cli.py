@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Callable
 
 from dpo import __version__
 from dpo.allocator import keep_freed_memory
@@ -36,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
         raise DpormError(f"{message} (see '{self.prog} --help')")
 
 
-def _setup_model(p: argparse.ArgumentParser) -> None:
+def _add_model_pull(p: argparse.ArgumentParser) -> None:
     model_commands = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     pull = model_commands.add_parser(
         "pull",
@@ -49,82 +51,19 @@ def _setup_model(p: argparse.ArgumentParser) -> None:
     pull.set_defaults(run=_run_model_pull)
 
 
-def _setup_logprobs(p: argparse.ArgumentParser) -> None:
+def _add_logprobs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL (.gz ok) or JSON list of records")
     p.add_argument("--output", help="write one JSON result per record here (default: table only)")
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
     p.add_argument("--max-length", type=int, default=2048, help="max prompt+response tokens (default 2048)")
     _add_model_options(p)
-    p.set_defaults(run=_run_logprobs)
 
 
-def _setup_train(p: argparse.ArgumentParser) -> None:
-    from dpo.train_config import add_train_arguments
-
-    add_train_arguments(p)
-    p.set_defaults(run=_run_train)
-
-
-def _setup_score(p: argparse.ArgumentParser) -> None:
-    from dpo.score_command import add_score_arguments
-
-    add_score_arguments(p)
-    p.set_defaults(run=_run_score)
-
-
-def _setup_extract(p: argparse.ArgumentParser) -> None:
-    from dpo.extract_command import add_extract_arguments
-
-    add_extract_arguments(p)
-    p.set_defaults(run=_run_extract)
-
-
-def _setup_serve(p: argparse.ArgumentParser) -> None:
-    from server.serve_options import add_serve_arguments
-
-    add_serve_arguments(p)
-    p.set_defaults(run=_run_serve)
-
-
-def _setup_eval(p: argparse.ArgumentParser) -> None:
-    from dpo.eval_command import add_eval_arguments
-
-    add_eval_arguments(p)
-    p.set_defaults(run=_run_eval)
-
-
-# name: (help, description, setup). A command's options (and the modules they come from) are built only
-# when that command runs or asks for --help, so `dporm --help` does not import torch.
-COMMANDS = {
-    "model": ("manage the embedded default model", "Manage the embedded default model (SmolLM2-135M-Instruct).",
-              _setup_model),
-    "logprobs": ("response log-probs of a JSONL file under one model",
-                 "Sum and mean log π(response | prompt) over response tokens for each record of a JSONL/JSON file "
-                 "with 'prompt' and 'response', or 'prompt', 'chosen' and 'rejected'.", _setup_logprobs),
-    "train": ("train a DPO policy; writes a reward-model artifact",
-              "Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF dialogues or "
-              "rankings) and write a reward-model artifact: the policy (LoRA adapter or full checkpoint) plus "
-              "dporm.json. Options may also come from --config (YAML/TOML); flags override it. Multi-process: "
-              "accelerate launch -m dpo.cli train ...", _setup_train),
-    "score": ("rewards of a file of records, offline",
-              "Score prompt/response or prompt/chosen/rejected records with a reward-model artifact (or "
-              "--policy/--reference/--beta): r = β·(log π − log π_ref) over response tokens. Pairs also get the "
-              "accuracy (chosen > rejected) with a 95% CI.", _setup_score),
-    "extract": ("build a reward-model artifact from an existing policy/reference pair",
-                "Check that a DPO policy and its reference share tokenizer and architecture, and write a "
-                "reward-model artifact (dporm.json) that dporm serve/score read with no other flags. --copy stores "
-                "the policy as safetensors; --delta-rank K stores it as a rank-K LoRA delta over the reference "
-                "(truncated SVD per linear layer), with --fidelity-data measuring the delta's reward agreement "
-                "with the exact policy.", _setup_extract),
-    "serve": ("serve a reward-model artifact over HTTP",
-              "Serve the DPO implicit reward: POST /v1/rewards, /v1/preference, /v1/rerank (also /v2/rerank), "
-              "/rerank (TEI); GET /health, /ready, /info, /v1/models, /metrics; OpenAPI at /docs.", _setup_serve),
-    "eval": ("RewardBench v1/v2 and preference-pair evaluation, offline or against servers",
-             "Evaluate a reward-model artifact (or --policy/--reference/--beta, or --server URL) on RewardBench "
-             "(rewardbench), RewardBench 2 (rewardbench2) or any preference pairs (pairs). Writes results.json, "
-             "scores.jsonl (resumable), margins.png and reliability.png to --output.", _setup_eval),
-}  # fmt: skip
+def _options(spec: str) -> Callable[[argparse.ArgumentParser], None]:
+    """``"module:function"``: the command's option builder, imported only when the command is built."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -132,10 +71,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="dporm", description="DPO policies as reward models: train, extract, serve, evaluate.")
     parser.add_argument("--version", action="version", version=f"dporm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (summary, description, setup) in COMMANDS.items():
+    for name, (summary, description, (options, run)) in COMMANDS.items():
         command = commands.add_parser(name, help=summary, description=description)
         if only is None or only == name:
-            setup(command)
+            (_options(options) if isinstance(options, str) else options)(command)
+            if run is not None:  # `model` sets its actions' own
+                command.set_defaults(run=run)
     return parser
 
 
@@ -194,6 +135,59 @@ def _run_serve(args: argparse.Namespace) -> None:
     from server.serve import run_serve
 
     run_serve(args)
+
+
+# name: (help, description, (options, run)). A command's options (and the modules they come from) are built
+# only when that command runs or asks for --help, so `dporm --help` does not import torch.
+COMMANDS = {
+    "model": (
+        "manage the embedded default model",
+        "Manage the embedded default model (SmolLM2-135M-Instruct).",
+        (_add_model_pull, None),
+    ),
+    "logprobs": (
+        "response log-probs of a JSONL file under one model",
+        "Sum and mean log π(response | prompt) over response tokens for each record of a JSONL/JSON file with "
+        "'prompt' and 'response', or 'prompt', 'chosen' and 'rejected'.",
+        (_add_logprobs_options, _run_logprobs),
+    ),
+    "train": (
+        "train a DPO policy; writes a reward-model artifact",
+        "Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF dialogues or "
+        "rankings) and write a reward-model artifact: the policy (LoRA adapter or full checkpoint) plus dporm.json. "
+        "Options may also come from --config (YAML/TOML); flags override it. Multi-process: accelerate launch -m "
+        "dpo.cli train ...",
+        ("dpo.train_config:add_train_arguments", _run_train),
+    ),
+    "score": (
+        "rewards of a file of records, offline",
+        "Score prompt/response or prompt/chosen/rejected records with a reward-model artifact (or "
+        "--policy/--reference/--beta): r = β·(log π − log π_ref) over response tokens. Pairs also get the accuracy "
+        "(chosen > rejected) with a 95% CI.",
+        ("dpo.score_command:add_score_arguments", _run_score),
+    ),
+    "extract": (
+        "build a reward-model artifact from an existing policy/reference pair",
+        "Check that a DPO policy and its reference share tokenizer and architecture, and write a reward-model "
+        "artifact (dporm.json) that dporm serve/score read with no other flags. --copy stores the policy as "
+        "safetensors; --delta-rank K stores it as a rank-K LoRA delta over the reference (truncated SVD per linear "
+        "layer), with --fidelity-data measuring the delta's reward agreement with the exact policy.",
+        ("dpo.extract_command:add_extract_arguments", _run_extract),
+    ),
+    "serve": (
+        "serve a reward-model artifact over HTTP",
+        "Serve the DPO implicit reward: POST /v1/rewards, /v1/preference, /v1/rerank (also /v2/rerank), /rerank "
+        "(TEI); GET /health, /ready, /info, /v1/models, /metrics; OpenAPI at /docs.",
+        ("server.serve_options:add_serve_arguments", _run_serve),
+    ),
+    "eval": (
+        "RewardBench v1/v2 and preference-pair evaluation, offline or against servers",
+        "Evaluate a reward-model artifact (or --policy/--reference/--beta, or --server URL) on RewardBench "
+        "(rewardbench), RewardBench 2 (rewardbench2) or any preference pairs (pairs). Writes results.json, "
+        "scores.jsonl (resumable), margins.png and reliability.png to --output.",
+        ("dpo.eval_command:add_eval_arguments", _run_eval),
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
 from dpo.eval_runner import SCORES_FILE, Row, digest, run_rows
-from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
+from dpo.manifest import add_reward_model_options, resolve_recheck
 
 DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "train"}
 OFFLINE_ONLY = {
@@ -222,15 +222,7 @@ def _common(p: argparse.ArgumentParser, benchmark: str) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N rows")
     p.add_argument("--max-length", type=int, help="offline: max prompt+response tokens (default: the artifact's)")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --output and start afresh")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help=DTYPE_HELP,
-    )
-    add_recheck_argument(p)
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
-    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
+    add_reward_model_options(p)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,17 @@ DTYPE_HELP = (
 RECHECK_NATS = 0.15
 
 
+def add_reward_model_options(p, recheck: bool = True) -> None:
+    """``--dtype`` (bf16-paired included), ``--recheck``, ``--device``, ``--trust-remote-code``, ``--allow-pickle``:
+    how a policy/reference pair is loaded, in score, eval and serve alike."""
+    p.add_argument("--dtype", default="float32", help=DTYPE_HELP)
+    if recheck:
+        add_recheck_argument(p)
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
+
+
 def add_recheck_argument(p) -> None:
     p.add_argument("--recheck", type=float, default=None, metavar="NATS",
                    help="with --dtype bf16-paired: rescore with the float32 models every pair (group) whose rewards "

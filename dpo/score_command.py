@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpo.errors import DpormError, EncodingError, ResponseTooLongError, require_at_least, require_writable
-from dpo.manifest import DTYPE_HELP, add_recheck_argument, resolve_recheck
+from dpo.manifest import add_reward_model_options, resolve_recheck
 
 
 def _fields(row: dict) -> tuple[str, ...] | None:
@@ -114,14 +114,6 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", choices=("sum", "mean"), help="reward over response tokens (default: artifact's)")
     p.add_argument("--reference-free", action="store_true", help="r = β·log π, ignoring the reference")
     p.add_argument("--truncate", action="store_true", help="cut over-long responses instead of failing")
-    add_recheck_argument(p)
     p.add_argument("--batch-size", type=int, default=8, help="records per forward batch (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N records")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help=DTYPE_HELP,
-    )
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
-    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
+    add_reward_model_options(p)

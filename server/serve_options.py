@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpo.manifest import DTYPE_HELP
+from dpo.manifest import add_reward_model_options
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +31,4 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-seconds", type=float, default=0.0,
                    help="on SIGTERM, answer /ready 503 this long (still serving) before stopping")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        help=DTYPE_HELP,
-    )
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
-    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights; unsafe")
+    add_reward_model_options(p, recheck=False)  # the server answers from the paired pass alone
