@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable
 
 from dpo import __version__
@@ -130,11 +131,17 @@ def _run_serve(args: argparse.Namespace) -> None:
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
 
-    # Until uvicorn installs its own handlers (importing the app takes seconds), SIGTERM is a clean exit too.
-    signal.signal(signal.SIGTERM, stop_before_serving)
-    from server.serve import run_serve
+    # Until uvicorn installs its own handlers (importing the app takes seconds), SIGTERM is a clean exit too;
+    # only a main thread may set handlers, and the caller's handler comes back however serving ends.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_before_serving) if main_thread else None
+    try:
+        from server.serve import run_serve
 
-    run_serve(args)
+        run_serve(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # name: (help, description, (options, run)). A command's options (and the modules they come from) are built

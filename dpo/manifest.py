@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,13 +105,13 @@ class Manifest:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.provenance.setdefault("dporm_version", __version__)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dporm-", suffix=".json")
+        # A fresh name opened O_EXCL with mode 0666: the user's umask applies, as for any file they write
+        # (mkstemp's 0600 would keep other accounts from reading the artifact).
+        tmp = directory / f".dporm-{uuid.uuid4().hex}.json"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(self), f, indent=2, ensure_ascii=False)
             f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); an artifact is for sharing
         target = directory / FILENAME
         os.replace(tmp, target)
         return target

@@ -105,6 +105,11 @@ def load_model(
     except (OSError, ValueError) as e:
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless pickle is allowed)"
         raise DpormError(f"cannot load model from {path}: {str(e).splitlines()[0]}{hint}") from None
+    except RuntimeError as e:  # transformers raises on weights shaped unlike the config (ignore_mismatched_sizes)
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise DpormError(f"{path}: the weights do not match the model its config describes: some have other "
+                         f"shapes ({str(e).strip().splitlines()[0][:200]})") from None  # fmt: skip
     _check_loading(path, loading)
     if dtype == MIXED:
         mix_precision(model)
@@ -127,9 +132,11 @@ def _check_loading(path: str, loading: dict) -> None:
 
 
 # Config fields that fix the shapes and the computation of a decoder: a policy and its reference must agree.
+# Not tie_word_embeddings: it says whether the head shares the embedding's storage, not what is computed, and
+# a merged LoRA policy is untied (dpo.lora) beside its tied reference.
 ARCHITECTURE_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "hidden_act", "tie_word_embeddings")  # fmt: skip
+                     "hidden_act")  # fmt: skip
 
 
 def check_same_architecture(policy_config, reference_config) -> None:

@@ -89,6 +89,32 @@ def test_weights_that_do_not_fill_the_config_and_unlike_architectures_are_refuse
         load_reward_model(policy=str(deeper), reference=paths["reference"], beta=0.1, device="cpu")
 
 
+def test_an_untied_policy_beside_its_tied_reference_loads(smollm_tokenizer, tmp_path):
+    """A merged LoRA policy is untied (dpo.lora) while its reference shares head and embeddings: same computation."""
+    reference = make_tiny_llama(vocab_size=len(smollm_tokenizer), tie_word_embeddings=True)
+    policy = make_tiny_llama(vocab_size=len(smollm_tokenizer), tie_word_embeddings=False)
+    policy.load_state_dict(reference.state_dict(), strict=False)
+    with torch.no_grad():
+        policy.lm_head.weight.copy_(reference.lm_head.weight)
+    for name, model in (("policy", policy), ("reference", reference)):
+        model.save_pretrained(tmp_path / name)
+        smollm_tokenizer.save_pretrained(tmp_path / name)
+    model = load_reward_model(policy=str(tmp_path / "policy"), reference=str(tmp_path / "reference"), beta=0.1)
+    assert model.score([PROMPT], ["It has craters."])[0].reward == pytest.approx(0.0, abs=1e-5)
+
+
+def test_weights_shaped_unlike_the_config_are_one_line(gpt2_pair, tmp_path):
+    from dpo.models import load_model
+
+    paths, _ = gpt2_pair
+    bad = tmp_path / "wider-vocab"
+    shutil.copytree(paths["policy"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 8}))
+    with pytest.raises(DpormError, match="do not match the model its config describes: some have other shapes"):
+        load_model(str(bad))
+
+
 def test_max_length_is_at_most_the_smaller_context():
     policy = make_tiny_llama(max_position_embeddings=128)
     reference = make_tiny_llama(max_position_embeddings=96)

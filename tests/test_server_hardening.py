@@ -126,10 +126,18 @@ def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
     ],
 )
 def test_serve_rejects_bad_flags_before_loading(artifact, capsys, extra, reason):
+    import signal
+
     from dpo.cli import main
 
+    before = signal.getsignal(signal.SIGTERM)
     assert main(["serve", str(artifact), *extra]) == 1
     assert reason in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # serve's early SIGTERM handler does not outlive it
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(main(["serve", str(artifact), *extra])))
+    worker.start(), worker.join()
+    assert outcome == [1] and reason in capsys.readouterr().err  # off the main thread: no handler, same error
 
 
 def test_serve_says_when_the_port_is_taken(artifact, capsys):
