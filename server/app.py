@@ -64,8 +64,9 @@ def _error(code: int, message: str, kind: str, headers: dict | None = None) -> J
 class State:
     """What the routes share: the model once loaded, the batcher, limits, metrics, drain flag."""
 
-    def __init__(self, limits: Limits, api_key: str | None):
+    def __init__(self, limits: Limits, api_key: str | None, recheck: float = 0.0):
         self.limits, self.api_key, self.metrics = limits, api_key, ServerMetrics()
+        self.recheck = recheck  # bf16-paired: close preference/rerank decisions rescored in float32 (0 = off)
         self.model: RewardModel | None = None
         self.batcher: Batcher | None = None
         self.draining = False
@@ -85,6 +86,7 @@ class State:
             self.limits.max_queue_requests,
             self.limits.max_queue_tokens,
             self.metrics.observe,
+            self.recheck,
         )
         self.model = model
 
@@ -244,14 +246,20 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     async def score(
         request: Request, make_groups: Callable[[], list[Group]], count: int, options: s.ScoringOptions,
-        token_rewards: bool = False,
+        token_rewards: bool = False, compared: tuple[int, ...] = (),
     ) -> tuple[RewardModel, list[RewardResult]]:  # fmt: skip
-        """Tokenize, queue and score one request's sequences, all within one request timeout."""
+        """Tokenize, queue and score one request's sequences, all within one request timeout.
+
+        ``compared``: sizes of the consecutive groups whose rewards the answer compares (``--recheck``).
+        """
         model = ready_model()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.limits.request_timeout
         seqs = await encode_all(request, model, make_groups, count, options.truncate, deadline)
-        job = Job(seqs, options.reference_free, token_rewards, loop, loop.create_future())
+        normalize = options.normalize or model.normalize
+        job = Job(
+            seqs, options.reference_free, token_rewards, loop, loop.create_future(), compared, normalize == "mean"
+        )
         try:
             state.batcher.submit(job)
         except QueueFull as e:
@@ -264,7 +272,6 @@ def create_app(state: State, loader=None) -> FastAPI:
         if model.has_reference and not options.reference_free and model.ref_cache.capacity:  # a lookup happened
             for r in results:
                 state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()
-        normalize = options.normalize or model.normalize
         if normalize == "mean":
             for r in results:
                 r.reward = r.reward / max(r.response_tokens, 1)
@@ -307,15 +314,17 @@ def create_app(state: State, loader=None) -> FastAPI:
         def make_groups() -> list[Group]:
             return [(p.conversation(), [p.response_a, p.response_b]) for p in pairs]
 
-        model, results = await score(request, make_groups, 2 * len(pairs), body)
+        model, results = await score(request, make_groups, 2 * len(pairs), body, compared=(2,) * len(pairs))
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
-            data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=_sigmoid(a - b)))
+            data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=_sigmoid(a - b),
+                                         rechecked=results[2 * i].rechecked))  # fmt: skip
         return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
 
     async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions):
-        model, results = await score(request, lambda: [(conversation(), texts)], len(texts), options)
+        model, results = await score(request, lambda: [(conversation(), texts)], len(texts), options,
+                                     compared=(len(texts),))  # fmt: skip
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
@@ -378,6 +387,7 @@ def create_app(state: State, loader=None) -> FastAPI:
             "models": m.info,
             "device": str(m.device),
             "dtype": m.precision,
+            "recheck": state.recheck if m.paired is not None else None,
             "reference_cache": {
                 "capacity": m.ref_cache.capacity,
                 "hits": m.ref_cache.hits,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dpo.encoding import Encoded
-from dpo.scorer import RewardModel, RewardResult
+from dpo.scorer import RewardModel, RewardResult, close_call
 
 
 class QueueFull(Exception):
@@ -41,6 +42,8 @@ class Job:
     token_rewards: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    groups: tuple[int, ...] = ()  # sizes of the groups whose rewards are compared (pairs, rerank documents)
+    mean: bool = False  # the request compares rewards per response token
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -57,8 +60,9 @@ class Batcher:
         max_queue_requests: int = 256,
         max_queue_tokens: int = 1 << 20,
         observe=None,
+        recheck: float = 0.0,
     ):
-        self.model, self.max_batch_tokens = model, max_batch_tokens
+        self.model, self.max_batch_tokens, self.recheck = model, max_batch_tokens, recheck
         self.max_queue_requests, self.max_queue_tokens = max_queue_requests, max_queue_tokens
         self.observe = observe or (lambda name, value: None)  # metrics hook: ("queue_seconds", s), ...
         self._queue: deque[Job] = deque()
@@ -160,6 +164,8 @@ class Batcher:
                 self.observe("forward_seconds", seconds)
                 self.observe("batch_sequences", len(chunk))
                 self.observe("batch_tokens", sum(len(s) for s in chunk))
+            if self.recheck > 0 and self.model.paired is not None and not reference_free:
+                self._recheck(jobs, seqs, results, want_tokens)
         except Exception as e:  # the model failed on some sequence: find whose, scoring each job alone
             if len(jobs) > 1:
                 for job in jobs:
@@ -175,6 +181,26 @@ class Batcher:
                 for r in part:
                     r.token_rewards = None
             _resolve(job, part, None)
+
+    def _recheck(self, jobs: list[Job], seqs: list[Encoded], results: list[RewardResult], want_tokens: bool) -> None:
+        """bf16-paired: each compared group whose decision is close (:func:`dpo.scorer.close_call`) is scored
+        again by the float32 models, in place, as ``dporm score`` does offline."""
+        spans, start = [], 0
+        for job in jobs:
+            for size in job.groups:
+                group = results[start : start + size]
+                if job.mean:  # the decision compares per-token rewards
+                    group = [dataclasses.replace(r, reward=r.reward / max(r.response_tokens, 1)) for r in group]
+                if close_call(group, self.model.beta * self.recheck, job.mean):
+                    spans.append((start, size))
+                start += size
+            start += len(job.seqs) - sum(job.groups)  # items not compared (none today)
+        if spans:
+            again = self.model.score_encoded([s for a, n in spans for s in seqs[a : a + n]], "sum", False,
+                                             want_tokens, float32=True)  # fmt: skip
+            for a, n in spans:
+                results[a : a + n], again = again[:n], again[n:]
+            self.observe("rechecked_groups", len(spans))
 
     def _note_rate(self, tokens: int, seconds: float) -> None:
         if seconds <= 0:

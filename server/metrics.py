@@ -37,6 +37,7 @@ class ServerMetrics:
         )
         self.ref_cache = Counter("dporm_reference_cache", "Reference log-prob cache lookups", ["result"], registry=r)
         self.truncations = Counter("dporm_truncations", "Sequences truncated to fit max_length", registry=r)
+        self.rechecked = Counter("dporm_rechecked_groups", "Close groups rescored by the float32 models", registry=r)
 
     def observe(self, name: str, value: float) -> None:
         """Hook for the batcher's worker thread."""
@@ -48,3 +49,5 @@ class ServerMetrics:
             self.batch_sequences.observe(value)
         elif name == "batch_tokens":
             self.batch_tokens.observe(value)
+        elif name == "rechecked_groups":
+            self.rechecked.inc(value)

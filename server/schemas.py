@@ -86,6 +86,7 @@ class PreferenceData(BaseModel):
     reward_b: float
     margin: float
     prob_a_over_b: float = Field(description="Bradley–Terry: σ(reward_a − reward_b)")
+    rechecked: bool = Field(False, description="bf16-paired with --recheck: a close pair rescored in float32")
 
 
 class PreferenceResponse(BaseModel):

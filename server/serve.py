@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ class DrainingServer(uvicorn.Server):
 
 def run_serve(args: argparse.Namespace) -> None:
     from dpo.manifest import Manifest
-    from dpo.models import resolve_device, resolve_dtype
+    from dpo.models import PAIRED, resolve_device, resolve_dtype
     from dpo.scorer import load_reward_model
 
     resolve_dtype(args.dtype), resolve_device(args.device)
@@ -67,10 +68,14 @@ def run_serve(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout,
         retry_after=args.retry_after,
     )
+    if not (math.isfinite(args.recheck) and args.recheck >= 0):
+        raise DpormError(f"--recheck must be a finite number of nats >= 0, got {args.recheck:g}")
+    if args.recheck > 0 and args.dtype != PAIRED:
+        raise DpormError(f"--recheck applies to --dtype {PAIRED} only (other precisions have nothing to recheck)")
     api_key = args.api_key or os.environ.get("DPORM_API_KEY") or None
     if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
         raise DpormError("the API key must be printable ASCII without spaces (HTTP headers carry ASCII)")
-    state = State(limits, api_key)
+    state = State(limits, api_key, args.recheck)
 
     def loader():
         model = load_reward_model(

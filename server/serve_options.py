@@ -31,4 +31,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-seconds", type=float, default=0.0,
                    help="on SIGTERM, answer /ready 503 this long (still serving) before stopping")  # fmt: skip
     p.add_argument("--log-level", default="info", help="uvicorn log level")
-    add_reward_model_options(p, recheck=False)  # the server answers from the paired pass alone
+    add_reward_model_options(p, recheck=False)
+    p.add_argument("--recheck", type=float, default=0.0, metavar="NATS",
+                   help="with --dtype bf16-paired: /v1/preference and rerank rescore in float32 each pair (or "
+                   "document set) with rewards within NATS of log-ratio each of a tie (default 0: off)")  # fmt: skip

@@ -113,7 +113,7 @@ def make_client(reward_model, **limits):
 
     from server.app import Limits, State, create_app
 
-    api_key = limits.pop("api_key", None)
-    state = State(Limits(**limits), api_key)
+    api_key, recheck = limits.pop("api_key", None), limits.pop("recheck", 0.0)
+    state = State(Limits(**limits), api_key, recheck)
     state.attach(reward_model)
     return TestClient(create_app(state))

@@ -144,3 +144,31 @@ def test_eval_takes_recheck_offline_only(tmp_path, capsys):
     argv = ["eval", "rewardbench", "--data", str(data), "--output", str(tmp_path / "out")]
     assert main(argv + ["--server", "http://127.0.0.1:9", "--recheck", "0.3"]) == 1
     assert "--recheck: offline only" in capsys.readouterr().err
+
+
+def test_the_server_rechecks_close_preferences_and_reranks_when_asked(smollm_tokenizer):
+    try:
+        from tests.conftest import make_client
+    except ModuleNotFoundError:
+        from conftest import make_client
+
+    reference = make_tiny_llama(seed=3, vocab_size=len(smollm_tokenizer), **SIZE)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.lm_head.weight += 0.01 * torch.randn_like(policy.lm_head.weight)
+    paired = RewardModel(policy, reference, smollm_tokenizer, BETA, paired=True)
+    exact = RewardModel(policy, reference, smollm_tokenizer, BETA)
+    tie = {"prompt": "Hi", "response_a": "Hello there.", "response_b": "Hello there."}
+    far = {"prompt": "Hi", "response_a": "Hello there, how can I help you today?", "response_b": "No."}
+    want = [r.reward for r in exact.score(["Hi"] * 2, ["Hello there.", "Hello there."])]
+    with make_client(paired, recheck=1e-9) as c:
+        data = c.post("/v1/preference", json={"pairs": [tie, far]}).json()["data"]
+        assert [d["rechecked"] for d in data] == [True, False]
+        assert [data[0]["reward_a"], data[0]["reward_b"]] == want  # float32's rewards, bit for bit
+        ranked = c.post("/v1/rerank", json={"query": "Hi", "documents": ["Hello there.", "No.", "Hello there."]})
+        scores = {r["index"]: r["relevance_score"] for r in ranked.json()["results"]}
+        assert [scores[0], scores[2]] == want  # the duplicates tie: the set is rescored in float32
+        assert c.get("/info").json()["recheck"] == 1e-9
+        assert "dporm_rechecked_groups_total 2.0" in c.get("/metrics").text  # the tie pair, the rerank set
+    with make_client(paired) as c:  # off by default: the paired pass alone
+        assert not any(d["rechecked"] for d in c.post("/v1/preference", json={"pairs": [tie]}).json()["data"])

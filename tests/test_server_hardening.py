@@ -122,6 +122,8 @@ def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
         (["--port", "99999"], "--port must be in 0..65535"),
         (["--max-items", "0"], "--max-items must be at least 1"),
         (["--request-timeout", "-1"], "--request-timeout must be positive"),
+        (["--recheck", "0.1"], "--recheck applies to --dtype bf16-paired only"),
+        (["--dtype", "bf16-paired", "--recheck", "-1"], "--recheck must be a finite number of nats >= 0"),
         (["--beta", "3"], "not both"),
     ],
 )
