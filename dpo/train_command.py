@@ -17,7 +17,7 @@ from dpo.manifest import Manifest
 from dpo.models import MIXED, PAIRED, load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
 from dpo.preference_data import Columns, PreferenceData, load_preferences
 from dpo.reference import adapter_off_reference, cache_key, model_reference, no_reference, precomputed_reference
-from dpo.train_config import TrainConfig, build_config
+from dpo.train_config import PATH_OPTIONS, TrainConfig, build_config
 from dpo.train_log import MetricsLog, plot_curves
 from dpo.trainer import PolicyScorer, Trainer
 
@@ -25,7 +25,6 @@ from dpo.trainer import PolicyScorer, Trainer
 # Options a resumed run may change; the checkpoint lies in --output, which may have moved or be spelled otherwise.
 RESUME_FREE = {"resume", "log_every", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "config",
                "cache_dir", "ref_cache_dir", "output"}  # fmt: skip
-PATH_OPTIONS = ("data", "eval_data", "model", "reference")  # equal when they name the same local file or directory
 OUTPUTS = ("dporm.json", "metrics.jsonl", "checkpoints", "policy")
 
 
@@ -68,10 +67,15 @@ def _check_output(c: TrainConfig, output: Path) -> Path | None:
 
 
 def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
-    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    state = json.loads((checkpoint / "state.json").read_text())
+    saved, saved_paths = state["config"], state.get("paths", {})
 
     def differs(key: str, value: object) -> bool:
-        return saved.get(key) != value and not (key in PATH_OPTIONS and _same_path(saved.get(key), value))
+        if key not in PATH_OPTIONS:
+            return saved.get(key) != value
+        if Path(saved_paths.get(key, "")).is_absolute() and os.path.exists(saved_paths[key]):
+            return not _same_path(saved_paths[key], value)  # the file the run read, wherever this shell stands
+        return saved.get(key) != value and not _same_path(saved.get(key), value)  # moved, a hub id, or older run
 
     changed = sorted(k for k, v in config.to_dict().items() if k not in RESUME_FREE and differs(k, v))
     if changed:

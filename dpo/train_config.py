@@ -221,3 +221,16 @@ def _yaml_error() -> type[Exception]:
     except ImportError:  # no YAML support installed: nothing of that kind can be raised
         return ValueError
     return yaml.YAMLError
+
+
+PATH_OPTIONS = ("data", "eval_data", "model", "reference")  # equal on --resume when they name one local file
+
+
+def local_paths(config: TrainConfig) -> dict[str, str]:
+    """The absolute paths of the PATH_OPTIONS that name local files or directories, as a checkpoint records them."""
+    found = {}
+    for key in PATH_OPTIONS:
+        value = getattr(config, key)
+        if value and Path(value).expanduser().exists():
+            found[key] = str(Path(value).expanduser().resolve())
+    return found

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dpo.batching import EncodedExample, PreferenceBatch, collate, length_grouped_batches
 from dpo.losses import pairwise_loss, plackett_luce_loss
 from dpo.reference import Reference
-from dpo.train_config import TrainConfig
+from dpo.train_config import TrainConfig, local_paths
 
 STATS = ("loss", "units", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
          "logps/chosen", "logps/rejected", "logps/accuracies", "logps/mean_accuracies", "tokens")  # fmt: skip
@@ -276,7 +276,7 @@ class Trainer:
                 self.log(done, self.evaluate(), "eval")
             if c.save_every and done % c.save_every == 0:
                 if acc.is_main_process:
-                    state = {"config": c.to_dict(), "total_steps": total}
+                    state = {"config": c.to_dict(), "total_steps": total, "paths": local_paths(c)}
                     save_checkpoint(output, done, self.trainable(), self.optimizer, self.scheduler, state,
                                     c.keep_checkpoints)  # fmt: skip
                 acc.wait_for_everyone()

@@ -1,5 +1,6 @@
 """``dporm train`` end to end on a tiny Llama with the real SmolLM2 tokenizer (fast, CPU, fp32)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -311,3 +312,28 @@ def test_a_merged_lora_on_a_tied_head_is_the_model_the_adapter_computed(tmp_path
     _save_policy(model, smollm_tokenizer, tmp_path / "policy", keep_adapter=False)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     torch.testing.assert_close(saved(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_compares_the_files_the_run_read_not_their_spelling(tmp_path, monkeypatch):
+    """A relative --data resolved where the run started: the same spelling from another directory is another file."""
+    from dpo.train_command import _check_resumable
+    from dpo.train_config import build_config, local_paths
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prefs.jsonl").write_text(f'{{"prompt": "{name}", "chosen": "x", "rejected": "y"}}\n')
+    monkeypatch.chdir(tmp_path / "a")
+    config, _ = build_config({"data": "prefs.jsonl", "output": "run"})
+    checkpoint = tmp_path / "step"
+    checkpoint.mkdir()
+    state = {"config": config.to_dict(), "paths": local_paths(config)}
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    assert state["paths"] == {"data": str(tmp_path / "a" / "prefs.jsonl")}
+    _check_resumable(checkpoint, config)  # where it started
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(DpormError, match="options differ from the checkpointed run: data"):
+        _check_resumable(checkpoint, config)  # "prefs.jsonl" here is b's file
+    _check_resumable(checkpoint, build_config({"data": "../a/prefs.jsonl", "output": "run"})[0])
+    del state["paths"]  # a checkpoint written before paths were recorded: compared as spelled
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    _check_resumable(checkpoint, config)
