@@ -179,7 +179,7 @@ COMMANDS = {
         "artifact (dporm.json) that dporm serve/score read with no other flags. --copy stores the policy as "
         "safetensors; --delta-rank K stores it as a rank-K LoRA delta over the reference (truncated SVD per linear "
         "layer), with --fidelity-data measuring the delta's reward agreement with the exact policy.",
-        ("dpo.extract_command:add_extract_arguments", _run_extract),
+        ("dpo.extract_options:add_extract_arguments", _run_extract),
     ),
     "serve": (
         "serve a reward-model artifact over HTTP",

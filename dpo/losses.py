@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpo.train_config import PAIRWISE
+
 
 def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """r(x, y) = β (log π(y|x) − log π_ref(y|x)), detached (a metric, never a gradient path)."""
@@ -112,9 +114,6 @@ class PairLoss:
     losses: torch.Tensor  # [B] per pair
     chosen_rewards: torch.Tensor  # [B] β ρ_w, detached
     rejected_rewards: torch.Tensor  # [B] β ρ_l, detached
-
-
-PAIRWISE = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "sigmoid_norm")
 
 
 def pairwise_loss(

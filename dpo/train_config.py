@@ -14,8 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from dpo.errors import DpormError, require_at_least
-from dpo.losses import PAIRWISE
 
+PAIRWISE = ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "sigmoid_norm")  # dpo.losses.pairwise_loss
 LOSSES = (*PAIRWISE, "plackett_luce")
 SCHEDULES = ("linear", "cosine", "constant")
 FINETUNE = ("lora", "full")

@@ -71,7 +71,15 @@ def test_logprobs_on_pairs_with_the_default_model(tmp_path, default_model_dir):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["score", "--help"], ["serve", "--help"], ["eval", "rewardbench", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["score", "--help"],
+        ["serve", "--help"],
+        ["eval", "rewardbench", "--help"],
+        ["train", "--help"],
+        ["extract", "--help"],
+    ],
 )
 def test_help_imports_no_model_code(argv):
     """Only the named command's options are built: help and usage errors come back at once, without torch."""
