@@ -10,6 +10,8 @@ Best-of-N sampling from another app::
 async one sends the requests of a batched call concurrently, at most ``max_concurrency`` at a time. 429, 503,
 timeouts and connection errors are retried after ``Retry-After`` (seconds or an HTTP date, at most
 ``MAX_RETRY_AFTER``), or else with exponential backoff; a bad URL or another error on this side is not retried.
+When one request of a batched async call fails, its other requests are cancelled. An empty list of items, pairs
+or documents gives an empty list back without a request.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Preference:
     reward_b: float
     margin: float
     prob_a_over_b: float
+    rechecked: bool = False  # bf16-paired with --recheck: a close pair rescored in float32
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,22 @@ def _unwrap(response: httpx.Response) -> Any:
     raise RewardServerError(response.status_code, type_, code, message)
 
 
+def _scoring_options(normalize: str | None = None, reference_free: bool = False, truncate: bool = False) -> dict:
+    """The request-level options every inference route takes, those that differ from the server's defaults
+    (``normalize`` None: the served artifact's own)."""
+    options = {"normalize": normalize, "reference_free": reference_free or None, "truncate": truncate or None}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _best(results: list[RerankResult]) -> tuple[int, str, float]:
+    return results[0].index, results[0].document, results[0].relevance_score
+
+
+def _require_candidates(candidates: Sequence[str]) -> None:
+    if not candidates:
+        raise ValueError("best_of_n needs at least one candidate")
+
+
 @dataclass
 class _Call:
     """One client method, transport-free: the requests (method, path, JSON body) and how to fold their answers."""
@@ -134,7 +153,10 @@ class _BaseClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 75.0, max_retries: int = 5,
                  backoff: float = 0.5, batch_size: int = 64, max_documents: int = 256,
                  transport: Any = None):  # fmt: skip
-        assert min(batch_size, max_documents) >= 1 and max_retries >= 0, "batch sizes >= 1, max_retries >= 0"
+        if min(batch_size, max_documents) < 1 or max_retries < 0:
+            raise ValueError(f"batch_size and max_documents must be at least 1 and max_retries at least 0, got "
+                             f"{batch_size}, {max_documents} and {max_retries}")  # fmt: skip
+        self.timeout = timeout
         self.max_documents = max_documents  # per rerank request: the server's --max-items (default 256)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("DPORM_API_KEY")
@@ -162,24 +184,22 @@ class _BaseClient:
 
         return _Call(requests, fold)
 
-    def _rewards_call(
-        self, items: Sequence[RewardItem], normalize: str | None, reference_free: bool, token_rewards: bool,
-        truncate: bool = False,
-    ) -> _Call:  # fmt: skip
-        options = {"reference_free": reference_free, "return_token_rewards": token_rewards, "truncate": truncate}
-        if normalize is not None:  # None: the served artifact's own default
-            options["normalize"] = normalize
+    def _rewards_call(self, items: Sequence[RewardItem], token_rewards: bool, **options: Any) -> _Call:
+        options = _scoring_options(**options) | {"return_token_rewards": token_rewards}
         return self._batched("/v1/rewards", "items", [_item(it, ("response",)) for it in items], options, Reward)
 
-    def _preference_call(self, pairs: Sequence[PreferencePair]) -> _Call:
+    def _preference_call(self, pairs: Sequence[PreferencePair], **options: Any) -> _Call:
         """``batch_size // 2`` pairs per request: ``batch_size`` counts sequences, as the server's ``--max-items``."""
         items = [_item(pair, ("response_a", "response_b")) for pair in pairs]
-        return self._batched("/v1/preference", "pairs", items, {}, Preference, max(1, self.batch_size // 2))
+        return self._batched("/v1/preference", "pairs", items, _scoring_options(**options), Preference,
+                             max(1, self.batch_size // 2))  # fmt: skip
 
-    def _rerank_call(self, query: Prompt, documents: Sequence[Doc], top_n: int | None) -> _Call:
+    def _rerank_call(self, query: Prompt, documents: Sequence[Doc], top_n: int | None, **options: Any) -> _Call:
         """Requests of ``max_documents`` (each shares its prompt); merged best first, with each document's text."""
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0):
+            raise ValueError(f"top_n must be a non-negative int (0 or None: all), got {top_n!r}")
         texts = [doc if isinstance(doc, str) else doc["text"] for doc in documents]
-        prompt, size = _prompt_fields(query, key="query"), self.max_documents
+        prompt, size = _prompt_fields(query, key="query") | _scoring_options(**options), self.max_documents
         starts = range(0, len(documents), size)
         one = len(starts) == 1 and top_n is not None  # a single request can let the server cut to top_n
         requests = [("POST", "/v1/rerank", {**prompt, "documents": list(documents[s : s + size])}
@@ -192,6 +212,11 @@ class _BaseClient:
             return results[:top_n] if top_n else results
 
         return _Call(requests, fold)
+
+
+def _probe_timeout(deadline: float) -> float:
+    """A readiness probe's own timeout: what is left before ``deadline`` (at least 0.1 s, at most 10 s)."""
+    return min(max(deadline - time.monotonic(), 0.1), 10.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -222,29 +247,34 @@ class RewardClient(_BaseClient, AbstractContextManager):
     ) -> list[Reward]:  # fmt: skip
         """One Reward per ``(prompt, response)`` item (``prompt`` a string or chat messages), in the order given.
 
-        ``truncate`` cuts over-long sequences (prompt from the left) instead of the server's 413.
+        ``normalize`` (sum | mean; None: the artifact's default), ``reference_free`` and ``truncate`` (cut over-long
+        prompts from the left instead of the server's 413) are the server's request options; every method takes them.
         """
-        return self._run(self._rewards_call(items, normalize, reference_free, return_token_rewards, truncate))
+        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate}
+        return self._run(self._rewards_call(items, return_token_rewards, **options))
 
-    def preference(self, pairs: Sequence[PreferencePair]) -> list[Preference]:
+    def preference(self, pairs: Sequence[PreferencePair], **options: Any) -> list[Preference]:
         """One Preference per ``(prompt, response_a, response_b)`` pair, in the order given."""
-        return self._run(self._preference_call(pairs))
+        return self._run(self._preference_call(pairs, **options))
 
-    def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None) -> list[RerankResult]:
+    def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None,
+               **options: Any) -> list[RerankResult]:  # fmt: skip
         """The documents scored as responses to ``query`` (a string or chat messages), best first."""
-        return self._run(self._rerank_call(query, documents, top_n))
+        return self._run(self._rerank_call(query, documents, top_n, **options))
 
-    def best_of_n(self, prompt: Prompt, candidates: Sequence[str]) -> tuple[int, str, float]:
+    def best_of_n(self, prompt: Prompt, candidates: Sequence[str], **options: Any) -> tuple[int, str, float]:
         """(index, text, reward) of the candidate response with the highest reward."""
-        best = self.rerank(prompt, candidates, top_n=1)[0]
-        return best.index, best.document, best.relevance_score
+        _require_candidates(candidates)
+        return _best(self.rerank(prompt, candidates, top_n=1, **options))
 
     def info(self) -> dict[str, Any]:
         return self._send("GET", "/info", None)
 
-    def _probe(self, path: str) -> bool:
+    def _probe(self, path: str, timeout: float | None = None) -> bool:
         try:
-            return self._http.get(path).status_code == 200
+            return self._http.get(path, timeout=timeout or self.timeout).status_code == 200
+        except httpx.UnsupportedProtocol:  # a bad URL never gets ready
+            raise
         except httpx.TransportError:
             return False
 
@@ -254,7 +284,7 @@ class RewardClient(_BaseClient, AbstractContextManager):
     def wait_until_ready(self, timeout: float = 300.0, interval: float = 1.0) -> None:
         """Polls ``/ready`` every ``interval`` seconds; raises TimeoutError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        while not self.ready():
+        while not self._probe("/ready", _probe_timeout(deadline)):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.base_url} not ready after {timeout:g}s")
             self.sleep(interval)
@@ -273,6 +303,8 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
     asleep = staticmethod(asyncio.sleep)
 
     def __init__(self, base_url: str, *args: Any, max_concurrency: int = 4, **kwargs: Any):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         super().__init__(base_url, *args, **kwargs)
         self._limit = asyncio.Semaphore(max_concurrency)
 
@@ -289,30 +321,42 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
             await self.asleep(delay)
 
     async def _run(self, call: _Call) -> Any:
-        return call.fold(await asyncio.gather(*(self._send(*request) for request in call.requests)))
+        tasks = [asyncio.ensure_future(self._send(*request)) for request in call.requests]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:  # one request failed (or the caller was cancelled): stop the others, then raise
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return call.fold(answers)
 
     async def rewards(
         self, items: Sequence[RewardItem], normalize: str | None = None, reference_free: bool = False,
         return_token_rewards: bool = False, truncate: bool = False,
     ) -> list[Reward]:  # fmt: skip
-        return await self._run(self._rewards_call(items, normalize, reference_free, return_token_rewards, truncate))
+        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate}
+        return await self._run(self._rewards_call(items, return_token_rewards, **options))
 
-    async def preference(self, pairs: Sequence[PreferencePair]) -> list[Preference]:
-        return await self._run(self._preference_call(pairs))
+    async def preference(self, pairs: Sequence[PreferencePair], **options: Any) -> list[Preference]:
+        return await self._run(self._preference_call(pairs, **options))
 
-    async def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None) -> list[RerankResult]:
-        return await self._run(self._rerank_call(query, documents, top_n))
+    async def rerank(self, query: Prompt, documents: Sequence[Doc], top_n: int | None = None,
+                     **options: Any) -> list[RerankResult]:  # fmt: skip
+        return await self._run(self._rerank_call(query, documents, top_n, **options))
 
-    async def best_of_n(self, prompt: Prompt, candidates: Sequence[str]) -> tuple[int, str, float]:
-        best = (await self.rerank(prompt, candidates, top_n=1))[0]
-        return best.index, best.document, best.relevance_score
+    async def best_of_n(self, prompt: Prompt, candidates: Sequence[str], **options: Any) -> tuple[int, str, float]:
+        _require_candidates(candidates)
+        return _best(await self.rerank(prompt, candidates, top_n=1, **options))
 
     async def info(self) -> dict[str, Any]:
         return await self._send("GET", "/info", None)
 
-    async def _probe(self, path: str) -> bool:
+    async def _probe(self, path: str, timeout: float | None = None) -> bool:
         try:
-            return (await self._http.get(path)).status_code == 200
+            return (await self._http.get(path, timeout=timeout or self.timeout)).status_code == 200
+        except httpx.UnsupportedProtocol:
+            raise
         except httpx.TransportError:
             return False
 
@@ -321,7 +365,7 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
 
     async def wait_until_ready(self, timeout: float = 300.0, interval: float = 1.0) -> None:
         deadline = time.monotonic() + timeout
-        while not await self.ready():
+        while not await self._probe("/ready", _probe_timeout(deadline)):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.base_url} not ready after {timeout:g}s")
             await self.asleep(interval)

@@ -100,8 +100,13 @@ class Document(BaseModel):
 
 
 class RerankRequest(ScoringOptions):
-    """Cohere/Jina/vLLM rerank: the query is the prompt, documents are candidate responses."""
+    """Cohere/Jina/vLLM rerank: the query is the prompt, documents are candidate responses.
 
+    Unknown fields are a 422, as on every route (a typo such as ``top_k`` is not dropped in silence); ``model``,
+    which peers' clients send, is accepted and ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
     query: str | None = None
     messages: list[Message] | None = None
     documents: list[str | Document] = Field(min_length=1)
@@ -140,6 +145,7 @@ class RerankResponse(BaseModel):
 class TEIRerankRequest(BaseModel):
     """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI."""
 
+    model_config = ConfigDict(extra="forbid")
     query: str
     texts: list[str] = Field(min_length=1)
     raw_scores: StrictBool = False

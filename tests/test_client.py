@@ -46,7 +46,7 @@ class FakeServer:
     def rewards(self, body: dict) -> dict:
         data = [
             {"index": i, "reward": float(len(it["response"])), "logp_policy": -1.0,
-             "logp_ref": None if body["reference_free"] else -2.0, "response_tokens": len(it["response"].split()),
+             "logp_ref": None if body.get("reference_free") else -2.0, "response_tokens": len(it["response"].split()),
              "truncated": False, "token_rewards": [0.5] if body["return_token_rewards"] else None}
             for i, it in enumerate(body["items"])
         ]  # fmt: skip
@@ -306,4 +306,74 @@ def test_truncate_is_sent_only_when_asked():
     rm, _ = client(server)
     rm.rewards([("p", "r")])
     rm.rewards([("p", "r")], truncate=True)
-    assert [b["truncate"] for b in server.bodies] == [False, True]
+    assert [b.get("truncate") for b in server.bodies] == [None, True]
+
+
+def test_every_method_sends_the_request_options():
+    server = FakeServer()
+    rm, _ = client(server)
+    rm.preference([("q", "aa", "a")], truncate=True, normalize="mean")
+    rm.rerank("q", ["a", "bb"], reference_free=True, truncate=True)
+    assert rm.best_of_n("q", ["a", "bb"], truncate=True) == (1, "bb", 2.0)
+    options = [{k: b[k] for k in ("normalize", "reference_free", "truncate") if k in b} for b in server.bodies]
+    assert options == [
+        {"normalize": "mean", "truncate": True},
+        {"reference_free": True, "truncate": True},
+        {"truncate": True},
+    ]
+
+
+def test_arguments_are_checked_on_this_side():
+    rm, _ = client(server := FakeServer(), max_documents=2)
+    with pytest.raises(ValueError, match="top_n"):
+        rm.rerank("q", ["a", "bb", "ccc"], top_n=-1)  # split: the server would never see it
+    with pytest.raises(ValueError, match="at least one candidate"):
+        rm.best_of_n("q", [])
+    assert rm.rerank("q", []) == [] and rm.rewards([]) == [] and rm.preference([]) == [] and not server.requests
+    for kwargs in ({"batch_size": 0}, {"max_documents": 0}, {"max_retries": -1}):
+        with pytest.raises(ValueError, match="at least"):
+            RewardClient("http://rm.test", **kwargs)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        AsyncRewardClient("http://rm.test", max_concurrency=0)
+
+
+def test_preference_carries_rechecked():
+    row = {"index": 0, "reward_a": 1.0, "reward_b": 1.0, "margin": 0.0, "prob_a_over_b": 0.5, "rechecked": True}
+    answer = {"model": "m", "usage": {}, "data": [row]}
+    rm, _ = client(FakeServer(httpx.Response(200, json=answer)))
+    assert rm.preference([("q", "a", "b")])[0].rechecked is True
+
+
+def test_a_bad_url_is_not_waited_for():
+    with pytest.raises(httpx.UnsupportedProtocol):
+        RewardClient("localhost:8000").wait_until_ready(timeout=30)
+
+    async def main() -> None:
+        async with AsyncRewardClient("localhost:8000") as rm:
+            with pytest.raises(httpx.UnsupportedProtocol):
+                await rm.wait_until_ready(timeout=30)
+
+    asyncio.run(main())
+
+
+def test_a_failed_async_chunk_cancels_the_others():
+    """Chunk 0 is a 400; chunk 1 keeps getting 429s. The call raises, and chunk 1 stops retrying."""
+    busy: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content)["items"][0]["response"] == "bad":
+            return error(400, "invalid_request_error", "bad", "bad item")
+        busy.append(asyncio.get_running_loop().time())
+        return error(429, "rate_limit", "too_many_requests", "slow down", retry_after="0.02")
+
+    async def main() -> None:
+        rm = AsyncRewardClient("http://rm.test", transport=httpx.MockTransport(handler), batch_size=1, max_retries=50)
+        rm.asleep = asyncio.sleep  # real waits, so that the failing chunk gets its turn
+        async with rm:
+            with pytest.raises(RewardServerError, match="bad item"):
+                await rm.rewards([("p", "ok"), ("p", "bad")])
+            sent = len(busy)
+            await asyncio.sleep(0.2)
+            assert len(busy) == sent <= 2
+
+    asyncio.run(main())

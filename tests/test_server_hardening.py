@@ -223,6 +223,20 @@ def test_flags_and_counts_are_not_coerced_from_strings(reward_model, path, body)
         assert _error(c.post(path, json=body), 422)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/rerank", {"query": PROMPT, "documents": ["a"], "top_k": 1}, "top_k"),
+        ("/v2/rerank", {"query": PROMPT, "documents": ["a"], "return_document": True}, "return_document"),
+        ("/rerank", {"query": PROMPT, "texts": ["a"], "truncation_direction": "Left"}, "truncation_direction"),
+    ],
+)
+def test_rerank_refuses_unknown_fields_but_takes_a_model_name(reward_model, path, body, field):
+    with make_client(reward_model) as c:
+        assert field in _error(c.post(path, json=body), 422)
+        assert c.post("/v1/rerank", json={"query": PROMPT, "documents": ["a"], "model": "any"}).status_code == 200
+
+
 def test_json_errors_say_what_is_wrong_with_the_body(reward_model):
     with make_client(reward_model) as c:
         form = c.post("/v1/rewards", content=json.dumps(ITEM), headers={"content-type": "text/plain"})
