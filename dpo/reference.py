@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,18 +25,33 @@ Reference = Callable[[Sequence[Encoded]], torch.Tensor]
 CACHE_FORMAT = 1
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for one pass, each module's mode restored after: a reference is a function of its weights,
+    the same whether computed during training (the policy in train mode), precomputed, or served."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def model_reference(model) -> Reference:
-    """Log-probs under ``model`` without gradients (a frozen copy, another model, or the policy before training)."""
+    """Log-probs under ``model`` without gradients (a frozen copy, another model, or the policy before training),
+    in eval mode."""
 
     def logps(seqs: Sequence[Encoded]) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             return sequence_logprobs(model, seqs).logp
 
     return logps
 
 
 def adapter_off_reference(scorer: Callable[..., torch.Tensor]) -> Reference:
-    """The LoRA policy with its adapter disabled: the base weights, held once in memory."""
+    """The LoRA policy with its adapter disabled: the base weights, held once in memory (the scorer's
+    ``adapter=False`` pass runs in eval mode)."""
 
     def logps(seqs: Sequence[Encoded]) -> torch.Tensor:
         with torch.no_grad():

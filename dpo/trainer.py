@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dpo.batching import EncodedExample, PreferenceBatch, collate, length_grouped_batches
 from dpo.losses import pairwise_loss, plackett_luce_loss
-from dpo.reference import Reference
+from dpo.reference import Reference, eval_mode
 from dpo.train_config import TrainConfig, local_paths
 
 STATS = ("loss", "units", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -42,7 +42,7 @@ class PolicyScorer(torch.nn.Module):
 
         if adapter:
             return sequence_logprobs(self.model, seqs).logp
-        with self.model.disable_adapter():
+        with self.model.disable_adapter(), eval_mode(self.model):  # the reference: no dropout
             return sequence_logprobs(self.model, seqs).logp
 
 

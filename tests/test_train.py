@@ -337,3 +337,24 @@ def test_resume_compares_the_files_the_run_read_not_their_spelling(tmp_path, mon
     del state["paths"]  # a checkpoint written before paths were recorded: compared as spelled
     (checkpoint / "state.json").write_text(json.dumps(state))
     _check_resumable(checkpoint, config)
+
+
+def test_references_are_computed_without_dropout_while_the_policy_trains():
+    """With dropout in the model and the policy in train mode, every reference pass is the eval-mode function."""
+    from dpo.encoding import Encoded
+    from dpo.lora import apply_lora
+    from dpo.reference import adapter_off_reference, model_reference
+    from dpo.trainer import PolicyScorer
+
+    seqs = [Encoded((1, 5, 7, 9), (11, 13, 17, 2)), Encoded((1, 5), (19, 23, 2))]
+    model = make_tiny_llama(attention_dropout=0.5)
+    with torch.no_grad():
+        expected = sequence_logprobs(model, seqs).logp  # eval mode
+    model.train()
+    assert not torch.equal(sequence_logprobs(model, seqs).logp, sequence_logprobs(model, seqs).logp)  # noisy
+    reference = model_reference(model)
+    assert torch.equal(reference(seqs), expected) and torch.equal(reference(seqs), expected)
+    assert all(m.training for m in model.modules())  # the training mode is left as it was
+    scorer = PolicyScorer(apply_lora(model, 4, 8.0, 0.5, "all-linear", 0))
+    scorer.train()
+    assert torch.equal(adapter_off_reference(scorer)(seqs), expected) and scorer.model.training
