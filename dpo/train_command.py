@@ -82,6 +82,19 @@ def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
         raise DpormError(f"--resume: options differ from the checkpointed run: {', '.join(changed)}")
 
 
+def _check_same_run(checkpoint: Path, trainer: Trainer) -> None:
+    """The data and the process count fix the batches of every step and the schedule: a resume must keep them."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    now = {**trainer.run_identity, "total_steps": trainer.schedule.total_steps}
+    if state.get("processes", now["processes"]) != now["processes"]:
+        raise DpormError(f"--resume: the run trained on {state['processes']} process(es), this one has "
+                         f"{now['processes']}; each step's batches depend on it")  # fmt: skip
+    if state.get("data_fingerprint", now["data_fingerprint"]) != now["data_fingerprint"]:
+        raise DpormError("--resume: the training rows differ from the checkpointed run's (the data file changed)")
+    if state["total_steps"] != now["total_steps"]:
+        raise DpormError(f"--resume: the run planned {state['total_steps']} steps, this one {now['total_steps']}")
+
+
 def _same_path(a: str | None, b: str | None) -> bool:
     """Whether two spellings name one existing local file or directory (relative to this working directory)."""
     try:
@@ -195,9 +208,11 @@ def run_train(given: dict) -> Path:
         evaluation,
         log,
         starts_at_reference=reference_path is not None and not separate_reference,
+        run_identity={"processes": accelerator.num_processes, "data_fingerprint": train_data.fingerprint()},
     )
     start_step = 0
     if resume_from is not None:
+        _check_same_run(resume_from, trainer)
         state = load_checkpoint(resume_from, trainer.trainable(), trainer.optimizer, trainer.scheduler,
                                 accelerator.process_index)  # fmt: skip
         start_step = state["step"]

@@ -121,9 +121,11 @@ def plan(config: TrainConfig, n_examples: int, processes: int) -> Schedule:
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator, policy: torch.nn.Module, reference: Reference | None,
                  train: Sequence[EncodedExample], evaluation: Sequence[EncodedExample],
-                 log: Callable[[int, dict, str], None], starts_at_reference: bool = False):  # fmt: skip
+                 log: Callable[[int, dict, str], None], starts_at_reference: bool = False,
+                 run_identity: dict | None = None):  # fmt: skip
         from transformers import get_scheduler
 
+        self.run_identity = run_identity or {}  # saved in every checkpoint; --resume compares it
         self.config, self.accelerator = config, accelerator
         self.train_set, self.eval_set, self.reference, self.log = list(train), list(evaluation), reference, log
         self.lengths = [ex.tokens for ex in self.train_set]
@@ -213,7 +215,8 @@ class Trainer:
         grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
-        self.scheduler.step()
+        if not getattr(self.optimizer, "step_was_skipped", False):  # fp16's GradScaler skips steps with inf grads
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats = self.accelerator.reduce(stats.to(self.accelerator.device), "sum").cpu()
         seconds = time.perf_counter() - start
@@ -276,7 +279,7 @@ class Trainer:
                 self.log(done, self.evaluate(), "eval")
             if c.save_every and done % c.save_every == 0:
                 if acc.is_main_process:
-                    state = {"config": c.to_dict(), "total_steps": total, "paths": local_paths(c)}
+                    state = {"config": c.to_dict(), "total_steps": total, "paths": local_paths(c), **self.run_identity}
                     save_checkpoint(output, done, self.trainable(), self.optimizer, self.scheduler, state,
                                     c.keep_checkpoints)  # fmt: skip
                 acc.wait_for_everyone()

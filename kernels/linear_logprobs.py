@@ -26,6 +26,7 @@ A GEMM with a narrow N runs nearer the CPU's peak than one with N = V (measured:
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import torch_backend
 from kernels.backend import backend
@@ -110,6 +111,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: create_graph=True is an error, not silence
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels.backend import backend
 
@@ -19,6 +20,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: create_graph=True is an error, not silence
     def backward(ctx, grad_out: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
         return ctx.impl.backward(logits, targets, lse, grad_out, ctx.ignore_index), None, None

@@ -7,7 +7,8 @@ Rows are processed in chunks of about 1M logits (4 MiB in float32), small enough
 to stay in cache, so the full [N, V] log-softmax never exists and each chunk is
 read from memory once per pass. Forward takes torch's fused log-softmax of a chunk
 (the fastest CPU kernel for it) and keeps only the target's value and the row's
-logsumexp, read off as ``z[t] - logp[t]`` (exact to float32 rounding of both).
+logsumexp, read off as ``z[t] - logp[t]`` (exact to float32 rounding of both; computed
+directly for a row whose target logit is -inf).
 Backward recomputes softmax per chunk from the stored logsumexp.
 """
 
@@ -47,7 +48,11 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
         source = chunk if upcast is None else upcast[:k].copy_(chunk)
         picked_logp = torch.log_softmax(source, dim=-1, out=work[:k]).gather(1, safe_targets[rows])
         logp[rows] = picked_logp.squeeze(1)
-        lse[rows] = (chunk.gather(1, safe_targets[rows]).to(acc) - picked_logp).squeeze(1)
+        row_lse = (chunk.gather(1, safe_targets[rows]).to(acc) - picked_logp).squeeze(1)
+        impossible = row_lse.isnan()  # a target logit of -inf: logp is -inf, and -inf - -inf gives no lse
+        if impossible.any():
+            row_lse[impossible] = torch.logsumexp(source[impossible], dim=-1)
+        lse[rows] = row_lse
     return logp.masked_fill_(ignored, 0.0), lse
 
 

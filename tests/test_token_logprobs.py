@@ -236,3 +236,26 @@ def test_float64_always_takes_the_float64_torch_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend_name(torch.zeros(1, dtype=torch.float64)) == "torch"
     assert backend_name(torch.zeros(1)) == "triton"
+
+
+def test_a_target_logit_of_minus_infinity_gives_finite_gradients(kernel_backend):
+    """An impossible target (a vocabulary masked with -inf) has logp -inf; its row's gradient is still finite."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 1.0, -inf], [0.0, 1.0, 2.0]], requires_grad=True)
+    out = token_logprobs(logits, torch.tensor([2, 1]))
+    assert out[0] == -inf
+    out[1].backward()  # row 0's incoming gradient is 0
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    expected[1] = -torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0)
+    expected[1, 1] += 1
+    torch.testing.assert_close(logits.grad.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_double_backward_is_an_error_not_a_silent_zero(kernel_backend):
+    logits = torch.randn(2, 5, requires_grad=True)
+    hidden, weight = torch.randn(2, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    for out, inputs in ((token_logprobs(logits, torch.tensor([1, 4])), (logits,)),
+                        (linear_token_logprobs(hidden, weight, torch.tensor([1, 4])), (hidden, weight))):  # fmt: skip
+        grads = torch.autograd.grad(out.sum(), inputs, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|second"):
+            sum(g.square().sum() for g in grads).backward()

@@ -358,3 +358,21 @@ def test_references_are_computed_without_dropout_while_the_policy_trains():
     scorer = PolicyScorer(apply_lora(model, 4, 8.0, 0.5, "all-linear", 0))
     scorer.train()
     assert torch.equal(adapter_off_reference(scorer)(seqs), expected) and scorer.model.training
+
+
+def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model_dir, "--data", PREFS, "--output", str(out), "--batch-size", "2",
+            "--max-length", "128", "--device", "cpu", "--max-steps", "2", "--save-every", "1"]  # fmt: skip
+    assert main(args) == 0
+    (out / "dporm.json").unlink()  # as if killed after its last checkpoint
+    state_file = sorted((out / "checkpoints").glob("step-*"))[-1] / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1 and state["data_fingerprint"]
+    for key, value, message in [("processes", 2, "trained on 2 process(es), this one has 1"),
+                                ("data_fingerprint", "0" * 16, "training rows differ")]:  # fmt: skip
+        state_file.write_text(json.dumps({**state, key: value}))
+        assert main([*args, "--resume"]) == 1
+        assert message in capsys.readouterr().err
+    state_file.write_text(json.dumps(state))
+    assert main([*args, "--resume"]) == 0  # unchanged: resumes (here at its last step) and finishes
