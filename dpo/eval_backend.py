@@ -63,6 +63,11 @@ class Backend(Protocol):
     def score_groups(self, groups: Sequence[Group]) -> list[list[ResponseScore] | str]: ...
 
 
+class Refused(str):
+    """Why a backend will refuse a row every time (it cannot be encoded as given): the row is recorded as
+    skipped and not retried, unlike a failure (a server error, a timeout), which a rerun scores again."""
+
+
 def mode_score(
     mode: ScoreMode, reward: float, logp_policy: float, tokens: int, token_rewards: list[float] | None, beta: float
 ) -> float:
@@ -89,6 +94,8 @@ class OfflineBackend:
             raise DpormError("the model has no reference: pass --reference-free")
         if mode.reference_free and mode.norm == "norm" and model.beta <= 0:
             raise DpormError("the norm mode needs β > 0")
+        if compat and not getattr(model.tokenizer, "chat_template", None):
+            raise DpormError("--rewardbench-compat needs a tokenizer with a chat template; this one has none")
         self.model, self.mode, self.compat, self.recheck = model, mode, compat, recheck
         if max_length is not None:
             context = model.context_length
@@ -114,7 +121,7 @@ class OfflineBackend:
             try:
                 encoded.append(self.encode(g))
             except EncodingError as e:
-                encoded.append(str(e))
+                encoded.append(Refused(e))
         scored = self.model.score_groups(
             [e for e in encoded if not isinstance(e, str)], "sum", self.mode.reference_free,
             token_rewards=self.mode.reference_free and self.mode.norm == "norm", recheck=self.recheck,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.eval_backend import REF_FREE_NORMS, Group, ScoreMode
-from dpo.eval_runner import SCORES_FILE, Row, digest, run_rows
+from dpo.eval_runner import SCORES_FILE, Row, digest, is_scored, run_rows
 from dpo.manifest import add_reward_model_options, resolve_recheck
 
 DEFAULT_SPLITS = {"rewardbench": "filtered", "rewardbench2": "test", "pairs": "train"}
@@ -178,13 +178,14 @@ def run_eval(args: argparse.Namespace) -> dict:
     if hasattr(backend, "close"):
         backend.close()
     results = REPORTS[args.eval_command](rows, records, output)
-    scored = sum("error" not in r for r in records.values())
+    scored = sum(is_scored(r) for r in records.values())
+    refused = sum("skipped" in r for r in records.values())
     results.update(
         config=config,
         config_hash=digest(config),
         model=model,
         data={"source": args.data, "sha256": data_hash, "rows": len(rows), "scored": scored,
-              "failed": len(rows) - scored, "skipped": len(skipped),
+              "failed": len(rows) - scored - refused, "skipped": len(skipped) + refused,
               "rechecked": sum(bool(r.get("rechecked")) for r in records.values())},  # fmt: skip
         timings={"load_seconds": load_seconds, "score_seconds": score_seconds,
                  "total_seconds": time.perf_counter() - started, "rows_scored_now": todo,
@@ -195,8 +196,11 @@ def run_eval(args: argparse.Namespace) -> dict:
     write_results(results, output)
     print_table(results)
     print(output)
-    if scored < len(rows):  # the results above leave these rows out; a rerun of the same command retries them
-        raise DpormError(f"{len(rows) - scored} row(s) failed (reasons in {output / SCORES_FILE}); "
+    if refused:  # the rows' own fault (they cannot be encoded as given): a rerun would refuse them again
+        print(f"{refused} row(s) skipped: they cannot be scored as given (reasons in {output / SCORES_FILE})",
+              file=sys.stderr)  # fmt: skip
+    if scored + refused < len(rows):  # the results above leave these rows out; a rerun of the same command retries them
+        raise DpormError(f"{len(rows) - scored - refused} row(s) failed (reasons in {output / SCORES_FILE}); "
                          "rerun the same command to retry them")  # fmt: skip
     return results
 

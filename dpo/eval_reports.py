@@ -16,7 +16,7 @@ from dpo.eval_metrics import (
     ties_score,
 )
 from dpo.eval_plots import margins_png, reliability_png
-from dpo.eval_runner import Row
+from dpo.eval_runner import Row, is_scored
 from dpo.trainer import wilson_interval
 
 
@@ -27,7 +27,7 @@ def _with_ci(stats: dict) -> dict:
 
 def rewardbench_report(rows: Sequence[Row], records: dict[int, dict], output: Path) -> dict:
     """Per row: margin = r_chosen − r_rejected, correct iff margin > 0 (ties are wrong)."""
-    ok = [records[r.key] for r in rows if "error" not in records[r.key]]
+    ok = [records[r.key] for r in rows if is_scored(records[r.key])]
     margins = [rec["scores"][0] - rec["scores"][1] for rec in ok]
     subsets = [rec["subset"] for rec in ok]
     per_subset = subset_accuracies(subsets, [m > 0 for m in margins])
@@ -56,7 +56,7 @@ def rewardbench_report(rows: Sequence[Row], records: dict[int, dict], output: Pa
 
 def rewardbench2_report(rows: Sequence[Row], records: dict[int, dict], output: Path) -> dict:
     """Non-Ties subsets: mean of the best-of-N row results; Ties: RewardBench 2's weighted score."""
-    ok = [records[r.key] for r in rows if "error" not in records[r.key]]
+    ok = [records[r.key] for r in rows if is_scored(records[r.key])]
     results, subsets, ties_rows = [], [], []
     by_subset: dict[str, list[float]] = defaultdict(list)
     for rec in ok:
@@ -85,7 +85,7 @@ def pairs_report(rows: Sequence[Row], records: dict[int, dict], output: Path) ->
     margins, truncated = [], 0
     for row in rows:
         rec = records[row.key]
-        if "error" not in rec:
+        if is_scored(rec):
             margins += [rec["scores"][w] - rec["scores"][lo] for w, lo in rec["pairs"]]
             truncated += any(rec["truncated"])
     correct = sum(m > 0 for m in margins)

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpo.errors import DpormError
-from dpo.eval_backend import Backend, Group
+from dpo.eval_backend import Backend, Group, Refused
 
 CONFIG_FILE, SCORES_FILE = "eval-config.json", "scores.jsonl"
 
@@ -28,6 +28,11 @@ class Row:
     key: int  # 0-based position in the loaded data
     group: Group
     meta: dict = field(default_factory=dict)  # written with the scores (id, subset, ...)
+
+
+def is_scored(record: dict) -> bool:
+    """A row with scores: neither failed (``error``, retried by a rerun) nor ``skipped`` (refused for good)."""
+    return "scores" in record
 
 
 def digest(value: object) -> str:
@@ -94,7 +99,9 @@ def run_rows(
             results = backend.score_groups([r.group for r in part])
             for row, result in zip(part, results, strict=True):
                 record = {"row": row.key, **row.meta}
-                if isinstance(result, str):
+                if isinstance(result, Refused):
+                    record["skipped"] = str(result)
+                elif isinstance(result, str):
                     record["error"] = result
                 else:
                     record["scores"] = [r.score for r in result]

@@ -189,7 +189,7 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise
 
     async def encode_all(request: Request, model: RewardModel, make_groups: Callable[[], list[Group]], count: int,
-                         truncate: bool, deadline: float) -> list[Encoded]:  # fmt: skip
+                         options: s.ScoringOptions, deadline: float) -> list[Encoded]:  # fmt: skip
         """Tokenized off the event loop (``make_groups`` too: building conversations of a large body takes time)."""
         if count > state.limits.max_items:
             raise ApiError(413, f"{count} sequences; the limit is {state.limits.max_items}", "request_too_large")
@@ -198,7 +198,7 @@ def create_app(state: State, loader=None) -> FastAPI:
                 raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
                                {"Retry-After": str(retry_after())})  # fmt: skip
             state.tokenize_waiting += 1
-        work = state.tokenizing.submit(encode_sync, model, make_groups, truncate)
+        work = state.tokenizing.submit(encode_sync, model, make_groups, options.truncate, options.truncate_response)
 
         def release(_) -> None:
             with state.lock:
@@ -212,12 +212,16 @@ def create_app(state: State, loader=None) -> FastAPI:
         floor = state.limits.retry_after
         return state.batcher.retry_after(floor) if state.batcher is not None else floor
 
-    def encode_sync(model: RewardModel, make_groups: Callable[[], list[Group]], truncate: bool) -> list[Encoded]:
-        """``truncate`` accepts prompts cut from the left; a response is cut only where the server allows it."""
+    def encode_sync(model: RewardModel, make_groups: Callable[[], list[Group]], truncate: bool,
+                    truncate_response: bool = False) -> list[Encoded]:  # fmt: skip
+        """``truncate`` accepts prompts cut from the left; a response is cut only where the artifact was trained so,
+        or where the request asks for it (``truncate_response``, as RewardBench's evaluation cuts)."""
+        truncate = truncate or truncate_response
+        cut_responses = True if truncate_response else None  # None: the artifact's own setting
         start = time.perf_counter()
         seqs: list[Encoded] = []
         for prompt, responses in make_groups():
-            encoded = model.encode_responses(prompt, responses)  # the prompt tokenized once for its responses
+            encoded = model.encode_responses(prompt, responses, cut_responses)  # the prompt tokenized once
             for _ in responses:
                 i = len(seqs)
                 try:
@@ -226,7 +230,7 @@ def create_app(state: State, loader=None) -> FastAPI:
                     raise ApiError(
                         413,
                         f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
-                        "(the server does not cut responses: a cut response would be scored as different text)",
+                        "(a cut response is scored as different text: send truncate_response=true to cut it anyway)",
                         "request_too_large",
                     ) from None
                 except EncodingError as e:
@@ -255,7 +259,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         model = ready_model()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.limits.request_timeout
-        seqs = await encode_all(request, model, make_groups, count, options.truncate, deadline)
+        seqs = await encode_all(request, model, make_groups, count, options, deadline)
         normalize = options.normalize or model.normalize
         job = Job(
             seqs, options.reference_free, token_rewards, loop, loop.create_future(), compared, normalize == "mean"

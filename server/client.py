@@ -123,10 +123,12 @@ def _unwrap(response: httpx.Response) -> Any:
     raise RewardServerError(response.status_code, type_, code, message)
 
 
-def _scoring_options(normalize: str | None = None, reference_free: bool = False, truncate: bool = False) -> dict:
+def _scoring_options(normalize: str | None = None, reference_free: bool = False, truncate: bool = False,
+                     truncate_response: bool = False) -> dict:  # fmt: skip
     """The request-level options every inference route takes, those that differ from the server's defaults
     (``normalize`` None: the served artifact's own)."""
-    options = {"normalize": normalize, "reference_free": reference_free or None, "truncate": truncate or None}
+    options = {"normalize": normalize, "reference_free": reference_free or None, "truncate": truncate or None,
+               "truncate_response": truncate_response or None}  # fmt: skip
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -243,14 +245,16 @@ class RewardClient(_BaseClient, AbstractContextManager):
 
     def rewards(
         self, items: Sequence[RewardItem], normalize: str | None = None, reference_free: bool = False,
-        return_token_rewards: bool = False, truncate: bool = False,
+        return_token_rewards: bool = False, truncate: bool = False, truncate_response: bool = False,
     ) -> list[Reward]:  # fmt: skip
         """One Reward per ``(prompt, response)`` item (``prompt`` a string or chat messages), in the order given.
 
-        ``normalize`` (sum | mean; None: the artifact's default), ``reference_free`` and ``truncate`` (cut over-long
-        prompts from the left instead of the server's 413) are the server's request options; every method takes them.
+        ``normalize`` (sum | mean; None: the artifact's default), ``reference_free``, ``truncate`` (cut over-long
+        prompts from the left instead of the server's 413) and ``truncate_response`` (also cut a response that alone
+        is too long) are the server's request options; every method takes them.
         """
-        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate}
+        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate,
+                   "truncate_response": truncate_response}  # fmt: skip
         return self._run(self._rewards_call(items, return_token_rewards, **options))
 
     def preference(self, pairs: Sequence[PreferencePair], **options: Any) -> list[Preference]:
@@ -333,9 +337,10 @@ class AsyncRewardClient(_BaseClient, AbstractAsyncContextManager):
 
     async def rewards(
         self, items: Sequence[RewardItem], normalize: str | None = None, reference_free: bool = False,
-        return_token_rewards: bool = False, truncate: bool = False,
+        return_token_rewards: bool = False, truncate: bool = False, truncate_response: bool = False,
     ) -> list[Reward]:  # fmt: skip
-        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate}
+        options = {"normalize": normalize, "reference_free": reference_free, "truncate": truncate,
+                   "truncate_response": truncate_response}  # fmt: skip
         return await self._run(self._rewards_call(items, return_token_rewards, **options))
 
     async def preference(self, pairs: Sequence[PreferencePair], **options: Any) -> list[Preference]:

@@ -4,8 +4,9 @@ Each chunk of rows is split into contiguous shards, one per server, scored concu
 :class:`server.client.RewardClient` (which retries 429/503 and connection errors). The servers must serve
 the same weights (checked on ``/info``). Scores follow :func:`dpo.eval_backend.mode_score`: the norm mode
 asks ``/v1/rewards`` for ``token_rewards`` (β·log π per token when reference-free) and divides β back out.
-Encoding is the server's (dporm's rule, over-long rows cut with ``truncate``); RewardBench-compat tokenization
-is offline only.
+Encoding is the server's (dporm's rule; over-long rows cut as offline: prompt from the left, then the response,
+with ``truncate_response``); RewardBench-compat tokenization is offline only. A row the server refuses as
+given (413, 422) is skipped for good; other errors fail the row, and a rerun retries it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from dpo.errors import DpormError
-from dpo.eval_backend import Group, ResponseScore, ScoreMode, mode_score
+from dpo.eval_backend import Group, Refused, ResponseScore, ScoreMode, mode_score
 from server.client import RewardClient, RewardServerError
 
 
@@ -46,11 +47,15 @@ class ServerBackend:
     def __init__(self, urls: Sequence[str], mode: ScoreMode, api_key: str | None = None, batch_size: int = 32,
                  max_retries: int = 5, timeout: float = 300.0):  # fmt: skip
         self.mode = mode
-        self.clients = [RewardClient(u, api_key, timeout, max_retries, batch_size=batch_size) for u in urls]
+        try:
+            self.clients = [RewardClient(u, api_key, timeout, max_retries, batch_size=batch_size) for u in urls]
+        except httpx.InvalidURL as e:
+            raise DpormError(f"--server: {e}") from None
         self.infos = []
         for client in self.clients:
             self.infos.append(_loaded_info(client, timeout))
-            client.batch_size = min(client.batch_size, self.infos[-1].get("limits", {}).get("max_items", batch_size))
+            # A shard (--batch-size rows) goes in one request when the server's --max-items allows.
+            client.batch_size = self.infos[-1].get("limits", {}).get("max_items", batch_size)
         keys = {(i.get("beta"), str(i.get("models", {}).get("policy_sha256")),
                  str(i.get("models", {}).get("reference_sha256"))) for i in self.infos}  # fmt: skip
         if len(keys) > 1:
@@ -73,7 +78,7 @@ class ServerBackend:
         items = [(g.prompt, r) for g in groups for r in g.responses]
         norm = self.mode.reference_free and self.mode.norm == "norm"
         # Over-long rows are cut as the offline evaluator cuts them.
-        rewards = iter(client.rewards(items, "sum", self.mode.reference_free, norm, truncate=True))
+        rewards = iter(client.rewards(items, "sum", self.mode.reference_free, norm, truncate_response=True))
         out = []
         for g in groups:
             row = []
@@ -91,7 +96,7 @@ class ServerBackend:
             if e.status >= 500 or e.status in (401, 403):
                 raise DpormError(f"{client.base_url}: {e}") from None
             if len(groups) == 1:
-                return [e.message]
+                return [Refused(e.message) if e.status in (413, 422) else e.message]
             return [x for g in groups for x in self._shard(client, [g])]  # find the rows the server refuses
         except httpx.HTTPError as e:
             raise DpormError(f"{client.base_url}: {e}") from None

@@ -36,6 +36,11 @@ class ScoringOptions(BaseModel):
     normalize: Literal["sum", "mean"] | None = Field(None, description="default: the artifact's")
     reference_free: StrictBool = Field(False, description="r = β·log π (no reference)")
     truncate: StrictBool = Field(False, description="cut over-long prompts from the left instead of answering 413")
+    truncate_response: StrictBool = Field(
+        False,
+        description="also cut a response that alone exceeds max_length, from the right (implies truncate); "
+        "the reward is then the cut text's, as in RewardBench's evaluation",
+    )
 
 
 class RewardItem(_Prompted):

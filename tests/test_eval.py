@@ -9,7 +9,7 @@ import pytest
 
 import dpo.eval_command as eval_command
 from dpo.cli import main
-from dpo.eval_backend import ResponseScore
+from dpo.eval_backend import Refused, ResponseScore
 from dpo.eval_metrics import (
     EXAMPLE_COUNTS,
     SECTIONS,
@@ -79,8 +79,9 @@ def test_calibration_is_symmetrised():
 class FakeBackend:
     """Scores from a table keyed by (prompt text, response); 0 when absent. Counts the rows it scores."""
 
-    def __init__(self, table=None, fn=None, fail_after=None):
+    def __init__(self, table=None, fn=None, fail_after=None, refuse=False, flaky=False):
         self.table, self.fn, self.fail_after, self.scored = table or {}, fn, fail_after, 0
+        self.refuse, self.flaky = refuse, flaky
 
     def describe(self):
         return {"policy_sha256": "fake", "reference_sha256": None, "beta": 1.0, "max_length": None}
@@ -92,6 +93,12 @@ class FakeBackend:
         out = []
         for g in groups:
             prompt = g.prompt if isinstance(g.prompt, str) else g.prompt[-1]["content"]
+            if "bread" in prompt and self.refuse:
+                out.append(Refused("cannot be encoded: bread"))
+                continue
+            if "rain" in prompt and self.flaky:
+                out.append("HTTP 504 timeout")
+                continue
             score = self.fn or (lambda p, r: self.table.get((p, r), 0.0))
             out.append([ResponseScore(float(score(prompt, r)), len(r), False) for r in g.responses])
         return out
@@ -259,3 +266,30 @@ def test_pairs_strict_and_skips_cover_only_the_rows_in_range(tmp_path, monkeypat
         assert run("pairs", data, tmp_path / "c", "--strict", *extra) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err == ["dporm: error: row 3: chosen and rejected are identical (--strict)"]
+
+
+def test_refused_rows_are_skipped_for_good_and_failed_rows_retried(tmp_path, monkeypatch, capsys):
+    """A row that cannot be encoded is skipped (exit 0, not rescored); a failed row fails the run until a rerun."""
+    use(monkeypatch, FakeBackend(fn=fact_score, refuse=True))
+    assert run("rewardbench", RB, tmp_path / "a", "--limit", "4") == 0
+    assert "1 row(s) skipped" in capsys.readouterr().err
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert (res["data"]["scored"], res["data"]["failed"], res["data"]["skipped"]) == (3, 0, 1)
+    again = use(monkeypatch, FakeBackend(fn=fact_score, refuse=True))
+    assert run("rewardbench", RB, tmp_path / "a", "--limit", "4") == 0 and again.scored == 0
+    use(monkeypatch, FakeBackend(fn=fact_score, flaky=True))
+    assert run("rewardbench", RB, tmp_path / "b", "--limit", "4") == 1
+    assert "1 row(s) failed" in capsys.readouterr().err
+    again = use(monkeypatch, FakeBackend(fn=fact_score))
+    assert run("rewardbench", RB, tmp_path / "b", "--limit", "4") == 0 and again.scored == 1
+
+
+def test_compat_without_a_chat_template_is_refused_before_scoring():
+    from types import SimpleNamespace
+
+    from dpo.errors import DpormError
+    from dpo.eval_backend import OfflineBackend, ScoreMode
+
+    model = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None), has_reference=True, beta=1.0)
+    with pytest.raises(DpormError, match="needs a tokenizer with a chat template"):
+        OfflineBackend(model, ScoreMode(False, "avg"), compat=True)

@@ -226,3 +226,18 @@ def test_max_length_past_the_models_context_is_one_line(tmp_path, artifact, caps
     args = ["eval", "rewardbench", str(artifact), "--data", str(RB), "--device", "cpu", "--output", str(tmp_path)]
     assert main([*args, "--max-length", "4097"]) == 1  # this module's artifact has models of 4096 positions
     assert "past the models' context of 4096 positions" in capsys.readouterr().err
+
+
+def test_over_long_rows_are_cut_alike_offline_and_on_servers(tmp_path, artifact, servers):
+    """Offline eval cuts the prompt from the left, then the response; servers asked by eval cut the same way."""
+    data = tmp_path / "long.jsonl"
+    row = {"rejected": "No.", "subset": "alpacaeval-easy"}
+    rows_in = [{**row, "prompt": "word " * 300, "chosen": "Yes.", "id": 1},
+               {**row, "prompt": "Say yes.", "chosen": "yes " * 400, "id": 2}]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_in))
+    base = ["eval", "rewardbench", "--data", str(data), "--batch-size", "2"]
+    assert main([*base, str(artifact), "--device", "cpu", "--output", str(tmp_path / "offline")]) == 0
+    assert main([*base, "--server", servers[0], "--output", str(tmp_path / "server")]) == 0
+    for a, b in zip(rows(tmp_path / "offline"), rows(tmp_path / "server"), strict=True):
+        assert a["truncated"] == b["truncated"] and any(a["truncated"]) and a["tokens"] == b["tokens"]
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)

@@ -195,6 +195,10 @@ def test_truncate_cuts_prompts_never_responses(reward_model):
     with make_client(reward_model) as c:
         long_response = {"items": [{"prompt": PROMPT, "response": "word " * 600}], "truncate": True}
         assert "the response alone exceeds" in _error(c.post("/v1/rewards", json=long_response), 413)
+        cut = c.post("/v1/rewards", json={**long_response, "truncate": False, "truncate_response": True}).json()
+        expected = reward_model.encode(PROMPT, "word " * 600, allow_response_truncation=True)
+        assert cut["data"][0]["truncated"] and cut["data"][0]["response_tokens"] == len(expected.response_ids)
+        assert cut["data"][0]["reward"] == pytest.approx(reward_model.score_encoded([expected])[0].reward, abs=1e-5)
         docs = ["Craters.", "word " * 40]
         body = {"query": "word " * 600, "documents": docs, "truncate": True}
         usage = c.post("/v1/rerank", json=body).json()["usage"]
