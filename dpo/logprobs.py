@@ -276,7 +276,7 @@ def pack_targets(pack, responses: Sequence[Sequence[int]], device) -> tuple[torc
     return rows, targets, [len(r) for r in responses]
 
 
-def _pads_batches(model) -> bool:
+def pads_batches(model) -> bool:
     """Right-padded batches on accelerators, where width is nearly free; batches of one on CPUs."""
     return _device(model).type != "cpu"
 
@@ -299,7 +299,7 @@ def sequence_logprobs(
     device = _device(model)
     groups = prompt_groups(seqs, share_prompts)
     rows: list[torch.Tensor | None] = [None] * len(seqs)
-    if not (_pads_batches(model) if padded is None else padded):
+    if not (pads_batches(model) if padded is None else padded):
         work = group_work(seqs, groups)
         parts = packed_logprobs(model, work)
         if parts is None:

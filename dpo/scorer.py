@@ -22,7 +22,7 @@ import torch
 
 from dpo.encoding import Encoded, Prompt, encode, encode_responses, has_chat_template
 from dpo.errors import DpormError
-from dpo.logprobs import sequence_logprobs
+from dpo.logprobs import pads_batches, sequence_logprobs
 from dpo.manifest import NORMALIZATIONS, Manifest, is_positive_number
 
 
@@ -125,6 +125,12 @@ class RewardModel:
     @property
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a forward pads its sequences to the longest (accelerators), so costs rows × longest positions;
+        bf16-paired packs them."""
+        return self.paired is None and pads_batches(self.policy)
 
     @property
     def precision(self) -> str:

@@ -235,16 +235,15 @@ def create_app(state: State, loader=None) -> FastAPI:
                     ) from None
                 except EncodingError as e:
                     raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
-                if seq.truncated:
-                    if not truncate:
-                        raise ApiError(
-                            413,
-                            f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
-                            "send truncate=true to cut the prompt from the left",
-                            "request_too_large",
-                        )
-                    state.metrics.truncations.inc()
+                if seq.truncated and not truncate:
+                    raise ApiError(
+                        413,
+                        f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
+                        "send truncate=true to cut the prompt from the left",
+                        "request_too_large",
+                    )
                 seqs.append(seq)
+        state.metrics.truncations.inc(sum(seq.truncated for seq in seqs))  # once the whole request is accepted
         state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
         return seqs
 
@@ -363,14 +362,21 @@ def create_app(state: State, loader=None) -> FastAPI:
             for i in order
         ]
 
+    def failure() -> str | None:
+        """Why this server can score nothing more until restarted (a poisoned device, a dead worker)."""
+        return state.batcher.failure if state.batcher is not None else None
+
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
+        if (why := failure()) is not None:  # liveness fails: an orchestrator restarts the process
+            return _error(503, f"unhealthy: {why}", "unavailable")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
-        if state.draining or state.model is None:
+        if state.draining or state.model is None or failure() is not None:
             why = "draining" if state.draining else ("failed: " + state.load_error if state.load_error else "loading")
+            why = f"failed: {failure()}" if failure() is not None else why
             return _error(503, f"not ready ({why})", "unavailable", {"Retry-After": "5"})
         return {"status": "ready"}
 

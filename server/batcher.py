@@ -4,8 +4,11 @@ Jobs (one per HTTP request) wait in a queue bounded in requests and tokens (full
 worker takes queued jobs up to a token budget, scores all their sequences together
 (sequences that share a prompt compute it once, across requests too), and resolves each
 job's future on the event loop. A cancelled job (client gone, timed out) leaves the queue at once,
-and its place; one already taken runs, and its result is dropped. When a batch fails, its jobs are
-scored again one by one, so a bad request fails alone.
+and its place; one already taken is not scored further (it stops between forwards). The token budget
+counts what a forward computes: tokens, or rows × the longest row where the model pads batches (on
+accelerators). When a batch fails, its jobs are scored again one by one, so a bad request fails alone;
+an accelerator error that poisons the device (CUDA errors persist) marks the batcher broken, and every
+later job is refused (503) while /health reports it, so that an orchestrator restarts the server.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import torch
 
 from dpo.encoding import Encoded
 from dpo.scorer import RewardModel, RewardResult, close_call
@@ -69,6 +74,8 @@ class Batcher:
         self._queued_tokens = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self.broken: str | None = None  # why the device can score nothing more (a sticky accelerator error)
+        self._padded = getattr(model, "pads_batches", False)
         self._tokens_per_second: float | None = None  # moving average of the forwards' throughput
         self._thread = threading.Thread(target=self._run, name="dporm-batcher", daemon=True)
         self._thread.start()
@@ -86,10 +93,19 @@ class Batcher:
             return floor
         return max(floor, min(ceiling, math.ceil(tokens / rate)))
 
+    @property
+    def failure(self) -> str | None:
+        """Why this batcher can score nothing more (device error, dead worker), or None while it can."""
+        if self.broken is not None:
+            return self.broken
+        return None if self._thread.is_alive() or self._stopping else "the scoring worker thread has stopped"
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
+            if self.failure is not None:
+                raise ShuttingDown(f"the server cannot score: {self.failure}; restart it")
             if job.tokens > self.max_queue_tokens:
                 raise TooLarge(f"{job.tokens} tokens; the queue holds at most {self.max_queue_tokens}")
             if len(self._queue) >= self.max_queue_requests or self._queued_tokens + job.tokens > self.max_queue_tokens:
@@ -140,53 +156,83 @@ class Batcher:
                 if jobs:
                     self._score(jobs, reference_free)
 
-    def _chunks(self, seqs: list[Encoded]) -> list[list[Encoded]]:
-        """Consecutive sequences up to the token budget (one over-long sequence goes alone)."""
-        out, current, tokens = [], [], 0
-        for s in seqs:
-            if current and tokens + len(s) > self.max_batch_tokens:
-                out.append(current)
-                current, tokens = [], 0
-            current.append(s)
-            tokens += len(s)
-        return out + ([current] if current else [])
+    def _cost(self, rows: int, longest: int, tokens: int) -> int:
+        """Token positions a forward of these sequences computes: padded to the longest on accelerators."""
+        return rows * longest if self._padded else tokens
+
+    def _forwards(self, seqs: list[Encoded], owners: list[Job], reference_free: bool, want_tokens: bool,
+                  float32: bool = False) -> list[RewardResult | None]:  # fmt: skip
+        """Scores ``seqs`` in consecutive forwards within the budget (one over-long sequence goes alone),
+        leaving out the sequences of jobs cancelled meanwhile (their results stay None)."""
+        results: list[RewardResult | None] = [None] * len(seqs)
+        i = 0
+        while i < len(seqs):
+            chunk: list[int] = []
+            longest = tokens = 0
+            while i < len(seqs):
+                if owners[i].cancelled:
+                    i += 1
+                    continue
+                n = len(seqs[i])
+                if chunk and self._cost(len(chunk) + 1, max(longest, n), tokens + n) > self.max_batch_tokens:
+                    break
+                chunk.append(i)
+                longest, tokens = max(longest, n), tokens + n
+                i += 1
+            if not chunk:
+                break
+            batch = [seqs[j] for j in chunk]
+            start = time.perf_counter()
+            scored = self.model.score_encoded(batch, "sum", reference_free, want_tokens, float32)
+            seconds = time.perf_counter() - start
+            self._note_rate(_computed_tokens(batch), seconds)
+            self.observe("forward_seconds", seconds)
+            self.observe("batch_sequences", len(batch))
+            self.observe("batch_tokens", tokens)
+            for j, r in zip(chunk, scored, strict=True):
+                results[j] = r
+        return results
 
     def _score(self, jobs: list[Job], reference_free: bool) -> None:
         seqs = [s for job in jobs for s in job.seqs]
+        owners = [job for job in jobs for _ in job.seqs]
         want_tokens = any(job.token_rewards for job in jobs)  # computed for all, returned to those who asked
         try:
-            results: list[RewardResult] = []
-            for chunk in self._chunks(seqs):
-                start = time.perf_counter()
-                results += self.model.score_encoded(chunk, "sum", reference_free, want_tokens)
-                seconds = time.perf_counter() - start
-                self._note_rate(sum(len(s) for s in chunk), seconds)
-                self.observe("forward_seconds", seconds)
-                self.observe("batch_sequences", len(chunk))
-                self.observe("batch_tokens", sum(len(s) for s in chunk))
+            results = self._forwards(seqs, owners, reference_free, want_tokens)
             if self.recheck > 0 and self.model.paired is not None and not reference_free:
-                self._recheck(jobs, seqs, results, want_tokens)
+                self._recheck(jobs, seqs, owners, results, want_tokens)
         except Exception as e:  # the model failed on some sequence: find whose, scoring each job alone
-            if len(jobs) > 1:
+            if _poisons_device(e):
+                self.broken = f"{type(e).__name__}: {e}".splitlines()[0]
+            if len(jobs) > 1 and self.broken is None:
                 for job in jobs:
-                    self._score([job], reference_free)
+                    if not job.cancelled:
+                        self._score([job], reference_free)
             else:
-                _resolve(jobs[0], None, e)
+                for job in jobs:
+                    _resolve(job, None, e)
             return
         offset = 0
         for job in jobs:
             part = results[offset : offset + len(job.seqs)]
             offset += len(job.seqs)
+            if job.cancelled:
+                continue
             if not job.token_rewards:
                 for r in part:
                     r.token_rewards = None
             _resolve(job, part, None)
 
-    def _recheck(self, jobs: list[Job], seqs: list[Encoded], results: list[RewardResult], want_tokens: bool) -> None:
+    def _recheck(
+        self, jobs: list[Job], seqs: list[Encoded], owners: list[Job], results: list, want_tokens: bool
+    ) -> None:
         """bf16-paired: each compared group whose decision is close (:func:`dpo.scorer.close_call`) is scored
-        again by the float32 models, in place, as ``dporm score`` does offline."""
+        again by the float32 models, in place and within the token budget, as ``dporm score`` does offline."""
         spans, start = [], 0
         for job in jobs:
+            if job.cancelled:
+                start += len(job.seqs)
+                continue
             for size in job.groups:
                 group = results[start : start + size]
                 if job.mean:  # the decision compares per-token rewards
@@ -196,10 +242,10 @@ class Batcher:
                 start += size
             start += len(job.seqs) - sum(job.groups)  # items not compared (none today)
         if spans:
-            again = self.model.score_encoded([s for a, n in spans for s in seqs[a : a + n]], "sum", False,
-                                             want_tokens, float32=True)  # fmt: skip
-            for a, n in spans:
-                results[a : a + n], again = again[:n], again[n:]
+            picked = [j for a, n in spans for j in range(a, a + n)]
+            again = self._forwards([seqs[j] for j in picked], [owners[j] for j in picked], False, want_tokens, True)
+            for j, r in zip(picked, again, strict=True):
+                results[j] = r if r is not None else results[j]  # None: its job was cancelled meanwhile
             self.observe("rechecked_groups", len(spans))
 
     def _note_rate(self, tokens: int, seconds: float) -> None:
@@ -211,8 +257,24 @@ class Batcher:
             self._tokens_per_second = rate if old is None else 0.8 * old + 0.2 * rate
 
 
+def _computed_tokens(seqs: list[Encoded]) -> int:
+    """Tokens a forward computes: a prompt shared by several sequences counts once."""
+    prompts = {s.prompt_ids for s in seqs}
+    return sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
+
+
+def _poisons_device(error: Exception) -> bool:
+    """An accelerator error after which the device fails every call (CUDA's sticky errors), not one bad input."""
+    text = str(error)
+    sticky = "device-side assert" in text or "illegal memory access" in text or "unspecified launch failure" in text
+    return isinstance(error, torch.AcceleratorError) and sticky
+
+
 def _resolve(job: Job, result, error: BaseException | None) -> None:
-    """Hand a result (or error) to the job's event loop; a loop already closed has nobody waiting."""
+    """Hand a result (or error) to the job's event loop; a loop already closed, or a cancelled job, has nobody
+    waiting (an exception set on a future nobody awaits is logged as never retrieved)."""
+    if job.cancelled:
+        return
     with contextlib.suppress(RuntimeError):
         job.loop.call_soon_threadsafe(_set, job.future, result, error)
 

@@ -222,3 +222,101 @@ def test_a_client_gone_mid_body_is_counted_499_without_an_error(reward_model, ch
     counted = {(m.labels["endpoint"], m.labels["code"]) for m in state.metrics.requests.collect()[0].samples}
     assert counted == {("/v1/rewards", "499")}
     state.batcher.stop()
+
+
+class StubModel:
+    """score_encoded records each forward's sizes; ``fail`` raises instead. No torch model behind it."""
+
+    beta, paired = 1.0, None
+
+    def __init__(self, pads_batches=False, fail=None, delay=0.0):
+        self.pads_batches, self.fail, self.delay, self.forwards = pads_batches, fail, delay, []
+
+    def score_encoded(self, seqs, normalize=None, reference_free=False, token_rewards=False, float32=False):
+        from dpo.scorer import RewardResult
+
+        self.forwards.append([len(s) for s in seqs])
+        time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return [RewardResult(1.0, 0.0, 0.0, len(s.prompt_ids), len(s.response_ids), False, False) for s in seqs]
+
+
+def job_of(loop, lengths, **kw):
+    from dpo.encoding import Encoded
+    from server.batcher import Job
+
+    seqs = [Encoded((1,) * (n - 1), (2,)) for n in lengths]
+    return Job(seqs, False, False, loop, loop.create_future(), **kw)
+
+
+def test_a_cancelled_job_stops_between_forwards():
+    from server.batcher import Batcher
+
+    model = StubModel(delay=0.05)
+    batcher = Batcher(model, max_batch_tokens=10)
+    loop = asyncio.new_event_loop()
+    try:
+        job = job_of(loop, [10] * 20)  # 20 forwards of one sequence
+        batcher.submit(job)
+        until(lambda: len(model.forwards) >= 2)
+        batcher.cancel(job)
+        time.sleep(0.3)
+        assert len(model.forwards) <= 3  # it was not scored to the end
+        other = job_of(loop, [5])
+        batcher.submit(other)
+        until(lambda: other.future.done() or any(f == [5] for f in model.forwards))
+    finally:
+        batcher.stop()
+        loop.close()
+
+
+def test_the_budget_counts_padding_where_the_model_pads():
+    from server.batcher import Batcher
+
+    for pads, expected in ((False, [[40] + [5] * 7, [5]]), (True, [[40], [5] * 8])):
+        model = StubModel(pads_batches=pads)
+        batcher = Batcher(model, max_batch_tokens=79)
+        loop = asyncio.new_event_loop()
+        try:
+            batcher.submit(job_of(loop, [40] + [5] * 8))
+            until(lambda m=model: sum(len(f) for f in m.forwards) == 9)
+            assert model.forwards == expected  # padded, [40, 5] computes 2 rows × 40 positions
+        finally:
+            batcher.stop()
+            loop.close()
+
+
+def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatch):
+    import torch
+
+    import server.batcher as batcher_module
+    from server.batcher import Batcher, ShuttingDown
+
+    model = StubModel(fail=torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    batcher = Batcher(model)
+    loop = asyncio.new_event_loop()
+    try:
+        first = job_of(loop, [5])
+        batcher.submit(first)
+        until(lambda: batcher.failure is not None)
+        assert "device-side assert" in batcher.failure
+        with pytest.raises(ShuttingDown, match="restart"):
+            batcher.submit(job_of(loop, [5]))
+    finally:
+        batcher.stop()
+        loop.close()
+    assert (
+        batcher_module._poisons_device(RuntimeError("CUDA error: device-side assert")) is False
+    )  # not an accelerator error
+    assert batcher_module._poisons_device(torch.AcceleratorError("CUDA error: out of memory")) is False
+
+
+def test_health_and_ready_report_a_broken_batcher(reward_model):
+    with make_client(reward_model) as c:
+        c.app.state.dporm.batcher.broken = "AcceleratorError: CUDA error: an illegal memory access"
+        health, ready = c.get("/health"), c.get("/ready")
+        refused = c.post("/v1/rewards", json=item(0))
+        c.app.state.dporm.batcher.broken = None
+    assert health.status_code == 503 and "illegal memory access" in health.json()["error"]["message"]
+    assert ready.status_code == 503 and refused.status_code == 503
