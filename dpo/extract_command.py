@@ -22,6 +22,7 @@ from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.extract_options import DEFAULT_ENERGY, DEFAULT_MAX_LENGTH
 from dpo.lora import is_adapter_dir, load_merged_adapter
+from dpo.manifest import FILENAME as MANIFEST_FILENAME
 from dpo.manifest import Manifest, is_positive_number
 from dpo.models import (
     check_same_architecture,
@@ -29,6 +30,7 @@ from dpo.models import (
     has_tokenizer,
     load_model,
     load_tokenizer,
+    resolve_device,
     weights_hash,
 )
 
@@ -102,6 +104,9 @@ def _check_options(args: argparse.Namespace, output: Path) -> None:
         raise DpormError("--fidelity-data needs --delta-rank: an exact artifact reproduces the policy exactly")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise DpormError(f"{output} already exists and is not an empty directory; choose a new --output")
+    if output.exists() and output.resolve() == Path.cwd().resolve():
+        raise DpormError("--output is the current directory; name a new directory for the artifact")
+    resolve_device(args.device)  # a bad --device fails now, not after loading the models
 
 
 def run_extract(args: argparse.Namespace) -> Path:
@@ -127,12 +132,37 @@ def run_extract(args: argparse.Namespace) -> Path:
 
     load = dict(dtype="float32", device=args.device, trust_remote_code=args.trust_remote_code,
                 allow_pickle=args.allow_pickle)  # fmt: skip
+    # Built in a sibling staging directory and renamed at the end: a failure leaves no half artifact.
+    output = output.resolve()
+    staging = output.parent / f".{output.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _build(args, output, staging, tokenizer, policy_path, reference_path, adapter, pairs, load, started)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(output)
+    return output
+
+
+def _build(args, output: Path, staging: Path, tokenizer, policy_path: str, reference_path: str, adapter: bool, pairs,
+           load: dict, started: float) -> None:  # fmt: skip
+    """Load, hash, store and measure, then move ``staging`` to ``output``. Only ``--delta-rank`` holds both models
+    at once (for the SVD); otherwise one model is in memory at a time."""
     if adapter:  # the policy's own weights, for the hashes, --copy, the delta and the fidelity reference
         policy = load_merged_adapter(load_model(reference_path, **load), policy_path, args.allow_pickle)
     else:
         policy = load_model(policy_path, **load)
+    policy_hash = weights_hash(policy)
+    if args.copy:
+        policy.save_pretrained(staging / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(staging / "policy")
+    models = [policy] if args.delta_rank else []
+    del policy
     reference = load_model(reference_path, **load)
-    policy_hash, reference_hash = weights_hash(policy), weights_hash(reference)
+    reference_hash = weights_hash(reference)
+    models += [reference] if args.delta_rank else []
+    del reference
     if policy_hash == reference_hash:
         _say(f"warning: policy and reference weights are identical (sha256 {policy_hash[:12]}): the reward is 0 "
              "everywhere")  # fmt: skip
@@ -152,41 +182,33 @@ def run_extract(args: argparse.Namespace) -> Path:
         hint = " (--copy stores the policy as safetensors)" if "policy" in pickled else ""
         _say(f"warning: the {' and the '.join(pickled)} {'have' if len(pickled) > 1 else 'has'} pickle weights only; "
              f"scoring the artifact needs --allow-pickle{hint}")  # fmt: skip
-    # Built in a sibling staging directory and renamed at the end: a failure leaves no half artifact.
-    staging = output.parent / f".{output.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        _write(args, manifest, tokenizer, policy, reference, staging, pairs, lambda: load_model(reference_path, **load))
-        manifest.provenance["wall_seconds"] = round(time.time() - started, 1)
-        manifest.save(staging)
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(output)
-    return output
-
-
-def _write(args, manifest: Manifest, tokenizer, policy, reference, output: Path, pairs, load_reference) -> None:
     if args.copy:
-        policy.save_pretrained(output / "policy", safe_serialization=True)
-        tokenizer.save_pretrained(output / "policy")
         manifest.policy, manifest.adapter = "policy", False  # an adapter policy is stored merged
     if args.delta_rank:
-        _extract_delta(args, manifest, tokenizer, policy, reference, output, pairs, load_reference)
+        _extract_delta(args, manifest, tokenizer, models, staging, pairs, lambda: load_model(reference_path, **load))
+    manifest.provenance["wall_seconds"] = round(time.time() - started, 1)
+    manifest.save(staging)
+    readable = (staging / MANIFEST_FILENAME).stat().st_mode & 0o666  # the umask's file mode, as dporm.json got it
+    for path in staging.rglob("*"):
+        if path.is_file():  # weights written through temporary files come out 0600: others could not serve them
+            path.chmod(readable)
+    if output.exists():
+        output.rmdir()
+    staging.rename(output)
 
 
-def _extract_delta(args, manifest: Manifest, tokenizer, policy, reference, output: Path, pairs, load_reference) -> None:
+def _extract_delta(args, manifest: Manifest, tokenizer, models: list, output: Path, pairs, load_reference) -> None:
     """Write the LoRA delta into ``output/policy``; measure its reward fidelity against the exact pair.
 
-    The adapter is built on ``reference`` in place, so the exact reward loads the reference again.
+    ``models`` is ``[policy, reference]``, emptied here so that the reference, which the adapter is built on in
+    place, is freed once saved; the exact reward loads the reference again.
     """
     from dpo.delta import build_delta_adapter
     from dpo.fidelity import reward_fidelity
     from dpo.scorer import RewardModel, load_reward_model
 
+    policy, reference = models
+    models.clear()
     peft_model, report = build_delta_adapter(policy, reference, args.delta_rank, args.svd, energy=args.delta_energy)
     # The reference supplies the base embeddings: only the low-rank factors are saved, not a vocabulary matrix.
     peft_model.save_pretrained(output / "policy", safe_serialization=True, save_embedding_layers=False)

@@ -48,10 +48,10 @@ def run_logprobs(args: argparse.Namespace) -> None:
     if kind is None:
         raise DpormError(f"{args.data}: no record has a 'prompt' and 'response' or 'chosen'/'rejected' strings")
     usable = [(i, r, kind) for i, (r, s) in enumerate(zip(records, shapes, strict=True)) if s == kind]
-    skipped = [i + 1 for i, s in enumerate(shapes) if s != kind]
+    skipped = [i for i, s in enumerate(shapes) if s != kind]  # named by the 0-based index the output uses
     if skipped:
         rows = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
-        print(f"skipped {len(skipped)} record(s) without string fields {kind} (rows {rows})", file=sys.stderr)
+        print(f"skipped {len(skipped)} record(s) without string fields {kind} (index {rows})", file=sys.stderr)
 
     path = resolve_model_path(args.model, args.cache_dir)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
@@ -60,7 +60,7 @@ def run_logprobs(args: argparse.Namespace) -> None:
         try:
             encoded[i] = [encode(tokenizer, r["prompt"], r[f], args.max_length) for f in fields]
         except EncodingError as e:
-            failed.append(f"{i + 1} ({e})")
+            failed.append(f"index {i} ({e})")
     if failed:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         print(f"skipped {len(failed)} record(s) that cannot be encoded: {'; '.join(failed[:3])}{more}",

@@ -171,7 +171,9 @@ def _check_tokenization(settings: dict) -> None:
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 2):
         raise DpormError(f"tokenization.max_length must be an integer of at least 2 or null, got {length!r}")
     template = settings.get("chat_template")
-    if template is not None and not isinstance(template, str):
-        raise DpormError(f"tokenization.chat_template must be a string or null, got {template!r}")
+    named = isinstance(template, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in template.items())
+    if template is not None and not isinstance(template, str) and not named:  # named: {"default": ..., "tool_use": ...}
+        raise DpormError("tokenization.chat_template must be a string, a mapping of names to strings (named "
+                         f"templates) or null, got a {type(template).__name__}")  # fmt: skip
     if not isinstance(settings.get("allow_response_truncation", False), bool):
         raise DpormError("tokenization.allow_response_truncation must be true or false")

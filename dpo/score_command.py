@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def run_score(args: argparse.Namespace) -> None:
     resolve_recheck(args)
     if args.output:
         require_writable(args.output)
+        if _same_file(args.output, args.data):
+            raise DpormError(f"--output {args.output} is the --data file: the scores would overwrite the records")
     rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))
     shapes = [_fields(r) for r in rows]
     kind = next((f for f in shapes if f), None)
@@ -117,3 +120,10 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="records per forward batch (default 8)")
     p.add_argument("--limit", type=int, help="score only the first N records")
     add_reward_model_options(p)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(b).expanduser().is_file() and os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # the output does not exist yet
+        return False

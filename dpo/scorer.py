@@ -265,6 +265,31 @@ class RewardModel:
         return self.score_encoded(seqs, **options)
 
 
+def _check_recorded_hashes(manifest: Manifest, info: dict) -> None:
+    """The models an artifact names must still be the ones it was made from: a reference directory retrained in
+    place, or a hub id moved to a new revision, would give other rewards under the artifact's name.
+
+    ``dporm extract`` records both models' float32 hashes; ``dporm train`` the reference's, in its ``--dtype``.
+    Compared only for models loaded in float32 (hashes cover dtypes), and for the policy only when it is not
+    an adapter (an adapter is hashed merged when recorded, as base plus adapter when served).
+    """
+    p = manifest.provenance
+    trained_in = (p.get("config") or {}).get("dtype", "float32")
+    recorded = {"reference": p.get("reference_sha256")}
+    if recorded["reference"] is None and trained_in in ("float32", "fp32"):
+        recorded["reference"] = p.get("reference_weights_hash")
+    if not manifest.adapter:
+        recorded["policy"] = p.get("policy_sha256")
+    for role, want in recorded.items():
+        got = info[f"{role}_sha256"]
+        if want and got and want != got:
+            raise DpormError(
+                f"{info[role]}: the {role}'s weights are not the ones this artifact was made from (sha256 "
+                f"{want[:12]} recorded, {got[:12]} now); make the artifact again, or score the models directly "
+                "with --policy/--reference/--beta"
+            )
+
+
 def close_call(results: Sequence[RewardResult], tolerance: float, mean: bool) -> bool:
     """Whether two rewards of a group lie within their tolerances of each other (``tolerance`` per summed
     reward; a mean reward's is divided by its token count), so that rounding errors of that size could reorder them."""
@@ -404,6 +429,8 @@ def load_reward_model(
         "policy_sha256": weights_hash(policy_model),
         "loss": manifest.loss if manifest else None,
     }
+    if manifest is not None and load["dtype"] in ("float32", "fp32"):
+        _check_recorded_hashes(manifest, info)
     return RewardModel(
         policy_model,
         ref_model,

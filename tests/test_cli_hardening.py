@@ -97,7 +97,7 @@ def test_logprobs_skips_records_it_cannot_encode_and_names_them(artifact, tmp_pa
     args = ["logprobs", "--model", str(artifact / "policy"), "--data", str(data), "--max-length", "24"]
     assert main([*args, "--output", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "skipped 2 record(s) that cannot be encoded: 1 (" in err and "; 2 (" in err
+    assert "skipped 2 record(s) that cannot be encoded: index 0 (" in err and "; index 1 (" in err  # as output
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [2]
 
 
@@ -128,3 +128,11 @@ def test_a_non_finite_or_non_positive_beta_is_one_line(tmp_path, capsys, command
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("dporm:")]
     assert "Traceback" not in err and len(lines) == 1 and "--beta" in lines[0] and "positive" in lines[0], err
+
+
+def test_score_refuses_to_write_over_its_data(artifact, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go."}) + "\n")
+    before = data.read_text()
+    assert main(["score", str(artifact), "--data", str(data), "--output", str(tmp_path / "." / "rows.jsonl")]) == 1
+    assert "is the --data file" in capsys.readouterr().err and data.read_text() == before

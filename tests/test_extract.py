@@ -185,6 +185,29 @@ def test_architecture_mismatch_and_option_errors_are_one_line(models, tmp_path, 
     assert extract(models["full"], models["reference"], tmp_path / "ok") == 1
     one_line_error(capsys, "already exists and is not an empty directory")
     assert not list(tmp_path.glob(".*.partial"))
+    assert extract(models["full"], models["reference"], tmp_path / "y", "--device", "gpu") == 1
+    one_line_error(capsys, "gpu")
+
+
+def test_output_in_the_current_directory(models, tmp_path, capsys, monkeypatch):
+    """``--output .`` is refused with one line; ``--output ./new`` works and its files are readable by others."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert extract(models["other"], models["reference"], Path(".")) == 1
+    one_line_error(capsys, "current directory")
+    assert extract(models["other"], models["reference"], Path("./new"), "--copy") == 0
+    files = [f for f in (tmp_path / "here" / "new").rglob("*") if f.is_file()]
+    modes = {f.name: f.stat().st_mode & 0o777 for f in files}
+    assert modes["model.safetensors"] == modes["dporm.json"] and modes["dporm.json"] & 0o044, modes
+
+
+def test_named_chat_templates_are_recorded(models, tmp_path):
+    named = {"default": models["tokenizer"].chat_template, "tool_use": "{{ messages }}"}
+    policy = _variant(models, "named-policy", lambda t: setattr(t, "chat_template", named))
+    reference = _variant(models, "named-reference", lambda t: setattr(t, "chat_template", named))
+    assert extract(policy, reference, tmp_path / "a") == 0
+    assert Manifest.load(tmp_path / "a").tokenization["chat_template"] == named
+    assert len(rewards(load_reward_model(str(tmp_path / "a"), device="cpu"))) == 3
 
 
 def test_identical_weights_warn(models, tmp_path, capsys):
@@ -367,3 +390,15 @@ def test_delta_energy_option_errors(models, tmp_path, capsys):
     assert extract(models["full"], models["reference"], tmp_path / "x", "--delta-rank", "auto", "--delta-energy",
                    "1.5") == 1  # fmt: skip
     one_line_error(capsys, "--delta-energy must be in (0, 1]")
+
+
+def test_an_artifact_whose_reference_changed_is_refused(models, tmp_path, capsys):
+    import shutil
+
+    reference = tmp_path / "ref"
+    shutil.copytree(models["reference"], reference)
+    assert extract(models["other"], str(reference), tmp_path / "a") == 0
+    shutil.copy(Path(models["other"]) / "model.safetensors", reference / "model.safetensors")  # retrained in place
+    with pytest.raises(DpormError, match="reference's weights are not the ones this artifact was made from"):
+        load_reward_model(str(tmp_path / "a"), device="cpu")
+    assert load_reward_model(str(tmp_path / "a"), dtype="bf16", device="cpu")  # bf16 hashes differ anyway: unchecked
