@@ -81,6 +81,7 @@ class DeltaReport:
     adapter_parameters: int = 0
     norms_saved: list[str] = field(default_factory=list)
     past_break_even: list[str] = field(default_factory=list)  # layers whose factors hold more numbers than Δ
+    energy_capped: dict[str, float] = field(default_factory=dict)  # auto: layers held at break-even, energy kept
     policy_plus_reference_bytes: int = 0
     reference_plus_adapter_bytes: int = 0
 
@@ -103,6 +104,7 @@ class DeltaReport:
                 "max": max(errors, default=0.0),
                 "per_layer": self.layer_errors,
             },  # fmt: skip
+            "energy_capped": self.energy_capped,
             "adapter_parameters": self.adapter_parameters,
             "norms_saved": self.norms_saved,
             "memory_bytes": {
@@ -114,14 +116,16 @@ class DeltaReport:
         }
 
 
-def lowrank_factors(delta: torch.Tensor, k: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B @ A the rank-k truncated SVD of ``delta`` (float32), k ≤ min(delta.shape)."""
+def lowrank_factors(delta: torch.Tensor, k: int, method: str = "auto", svd: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, A) with B @ A the rank-k truncated SVD of ``delta`` (float32), k ≤ min(delta.shape); ``svd``, the
+    full ``(U, S, Vh)`` of ``delta`` when already computed."""
     delta = delta.float()
     small = min(delta.shape)
     if method == "auto":
         method = "exact" if small <= EXACT_SVD_MAX_DIM or 4 * k >= small else "lowrank"
     if method == "exact":
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = svd if svd is not None else torch.linalg.svd(delta, full_matrices=False)
         u, s, vh = u[:, :k], s[:k], vh[:k]
     elif method == "lowrank":
         u, s, v = torch.svd_lowrank(delta, q=min(k + 10, small), niter=4)
@@ -137,15 +141,23 @@ def break_even_rank(m: int, n: int) -> int:
     return m * n // (m + n)
 
 
-def energy_rank(delta: torch.Tensor, energy: float) -> int:
+def energy_rank(delta: torch.Tensor, energy: float, singular_values: torch.Tensor | None = None) -> int:
     """Smallest K with Σ_{i≤K} σ_i² ≥ energy · ‖Δ‖²_F, at most the break-even rank ⌊m·n / (m + n)⌋."""
+    return _energy_rank(delta, energy, singular_values)[0]
+
+
+def _energy_rank(delta: torch.Tensor, energy: float, singular_values: torch.Tensor | None = None
+                 ) -> tuple[int, float]:  # fmt: skip
+    """(:func:`energy_rank`, the fraction of ‖Δ‖²_F it keeps: below ``energy`` where break-even capped it)."""
     m, n = delta.shape
-    power = torch.linalg.svdvals(delta.float()).double().square()
+    s = singular_values if singular_values is not None else torch.linalg.svdvals(delta.float())
+    power = s.double().square()
     if power.sum() == 0:
-        return 1
+        return 1, 1.0
     kept = power.cumsum(0) / power.sum()
     k = int(torch.searchsorted(kept, torch.tensor([energy], dtype=kept.dtype) - 1e-12)[0]) + 1
-    return max(1, min(k, break_even_rank(m, n), len(power)))
+    k = max(1, min(k, break_even_rank(m, n), len(power)))
+    return k, float(kept[k - 1])
 
 
 def _decoder_linears(model) -> dict[str, torch.nn.Linear]:
@@ -161,6 +173,19 @@ def _decoder_linears(model) -> dict[str, torch.nn.Linear]:
 def parameter_bytes(model) -> int:
     """Bytes of a model's distinct parameters (tied weights counted once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _policy_bytes(policy, reference) -> int:
+    """The policy's parameter bytes as a checkpoint of its own would hold them: where the reference ties its
+    embeddings and the policy's two vocabulary matrices are still equal (a merged adapter unties them), once."""
+    total = parameter_bytes(policy)
+    emb, head = policy.get_input_embeddings(), policy.get_output_embeddings()
+    ref_emb, ref_head = reference.get_input_embeddings(), reference.get_output_embeddings()
+    if emb is None or head is None or ref_emb is None or ref_head is None or emb.weight is head.weight:
+        return total
+    if ref_emb.weight is ref_head.weight and torch.equal(emb.weight, head.weight):
+        total -= head.weight.numel() * head.weight.element_size()
+    return total
 
 
 def _vocabulary_modules(model) -> dict[str, torch.nn.Module]:
@@ -229,17 +254,25 @@ def build_delta_adapter(
         raise DpormError("policy and reference weights are identical: there is no delta to store")
     policy_modules = dict(policy.named_modules())
     report = DeltaReport(rank=rank, norms_saved=norms, energy=energy if rank == "auto" else None)
-    report.policy_plus_reference_bytes = parameter_bytes(policy) + parameter_bytes(reference)
+    report.policy_plus_reference_bytes = _policy_bytes(policy, reference) + parameter_bytes(reference)
     factors, ranks = {}, {}
     for name in tqdm(changed, desc="svd", unit="layer", disable=not show_progress):
         w_ref = linears[name].weight
         delta = policy_modules[name].weight.float() - w_ref.float()
         if isinstance(linears[name], torch.nn.Embedding):
             delta = delta.T  # PEFT adds row t of (B A)ᵀ to an embedding lookup
-        k = energy_rank(delta, energy) if rank == "auto" else min(rank, *delta.shape)
+        full = None
+        if rank == "auto":  # the spectrum picks K; a matrix small enough for an exact SVD is decomposed once
+            if svd != "lowrank" and min(delta.shape) <= EXACT_SVD_MAX_DIM:
+                full = torch.linalg.svd(delta, full_matrices=False)
+            k, kept = _energy_rank(delta, energy, full[1] if full is not None else None)
+            if kept < energy - 1e-9:
+                report.energy_capped[name] = kept
+        else:
+            k = min(rank, *delta.shape)
         if k > break_even_rank(*delta.shape):
             report.past_break_even.append(name)
-        b, a = lowrank_factors(delta, k, svd)
+        b, a = lowrank_factors(delta, k, svd, full)
         norm = torch.linalg.matrix_norm(delta)
         report.layer_errors[name] = float(torch.linalg.matrix_norm(delta - b @ a) / norm) if norm > 0 else 0.0
         factors[name], ranks[name] = (b.to(w_ref.dtype), a.to(w_ref.dtype)), k

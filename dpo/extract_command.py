@@ -234,6 +234,14 @@ def _extract_delta(args, manifest: Manifest, tokenizer, models: list, output: Pa
     _say(f"memory: policy+reference {memory['policy_plus_reference'] / 2**20:.1f} MiB, reference+adapter "
          f"{memory['reference_plus_adapter'] / 2**20:.1f} MiB, saved {memory['saved'] / 2**20:.1f} MiB "
          f"({memory['saved_fraction']:.1%})")  # fmt: skip
+    if report.energy_capped:
+        name, kept = min(report.energy_capped.items(), key=lambda item: item[1])
+        _say(f"warning: --delta-energy {report.energy} is out of reach in {len(report.energy_capped)} layer(s) at "
+             f"their break-even rank (e.g. {name} keeps {kept:.3f}): their relative error exceeds "
+             f"√(1 − E) = {(1 - report.energy) ** 0.5:.3f}")  # fmt: skip
+    if memory["saved"] < 0:
+        _say("warning: reference+adapter needs more memory than policy+reference (tied embeddings carry the delta "
+             "twice); a smaller --delta-rank or --delta-energy saves memory")  # fmt: skip
     if pairs is None:
         return
     manifest.save(output)  # the delta reward model loads from the artifact, as serve and score will

@@ -402,3 +402,32 @@ def test_an_artifact_whose_reference_changed_is_refused(models, tmp_path, capsys
     with pytest.raises(DpormError, match="reference's weights are not the ones this artifact was made from"):
         load_reward_model(str(tmp_path / "a"), device="cpu")
     assert load_reward_model(str(tmp_path / "a"), dtype="bf16", device="cpu")  # bf16 hashes differ anyway: unchecked
+
+
+def test_auto_rank_says_where_break_even_keeps_it_from_the_energy(models, tmp_path, capsys):
+    from dpo.delta import _energy_rank
+
+    wide = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    k, kept = _energy_rank(wide, 1.0)
+    assert k == 5 and 0.7 < kept < 1.0  # capped at break-even: the 6th direction's energy is not kept
+    assert extract(models["full"], models["reference"], tmp_path / "a", "--delta-rank", "auto",
+                   "--delta-energy", "0.9999") == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is out of reach in" in err and "break-even rank" in err
+    capped = Manifest.load(tmp_path / "a").metrics["delta"]["energy_capped"]
+    assert capped and all(0 < v < 0.9999 for v in capped.values())
+
+
+def test_memory_baseline_counts_an_untied_but_equal_vocabulary_once():
+    import copy
+
+    from dpo.delta import _policy_bytes, parameter_bytes
+
+    reference = make_tiny_llama(tie_word_embeddings=True)
+    policy = copy.deepcopy(reference)
+    policy.lm_head.weight = torch.nn.Parameter(policy.lm_head.weight.detach().clone())  # untied, as merged
+    assert parameter_bytes(policy) > parameter_bytes(reference)
+    assert _policy_bytes(policy, reference) == parameter_bytes(reference)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(1.0)  # the head really differs: both matrices count
+    assert _policy_bytes(policy, reference) == parameter_bytes(policy)
