@@ -94,6 +94,10 @@ class Batcher:
         return max(floor, min(ceiling, math.ceil(tokens / rate)))
 
     @property
+    def worker_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def failure(self) -> str | None:
         """Why this batcher can score nothing more (device error, dead worker), or None while it can."""
         if self.broken is not None:

@@ -104,8 +104,11 @@ def run_serve(args: argparse.Namespace) -> None:
     server.run()
     if state.load_error:
         raise DpormError(f"cannot load the model: {state.load_error}")
-    if state.loader_thread is not None and state.loader_thread.is_alive():
-        # Stopped while loading: the loader thread may be inside torch, where interpreter teardown aborts.
+    loading = state.loader_thread is not None and state.loader_thread.is_alive()
+    scoring = state.batcher is not None and state.batcher.worker_alive
+    if loading or scoring:
+        # Stopped while loading, or a forward outlasted the shutdown: that thread may be inside torch, where
+        # interpreter teardown aborts.
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(0)
 

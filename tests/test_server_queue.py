@@ -166,7 +166,10 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it(reward_mod
             await asyncio.sleep(0.2)
             bad = asyncio.create_task(client.post("/v1/rewards", json=item(1, "word " * 60)))
             good = asyncio.create_task(client.post("/v1/rewards", json=item(2)))
-            await asyncio.sleep(0.3)
+            for _ in range(500):  # both queued behind the first: they go to the model as one batch
+                if state.batcher.depth[0] == 2:
+                    break
+                await asyncio.sleep(0.02)
             gate.set()
             return (await first).status_code, (await bad).status_code, (await good).status_code
 
