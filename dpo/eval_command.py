@@ -196,6 +196,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     write_results(results, output)
     print_table(results)
     print(output)
+    if refused and getattr(args, "strict", False):
+        first = next(r for r in records.values() if "skipped" in r)
+        raise DpormError(f"row {first['row']}: {first['skipped']} (--strict; {refused} row(s) could not be scored)")
     if refused:  # the rows' own fault (they cannot be encoded as given): a rerun would refuse them again
         print(f"{refused} row(s) skipped: they cannot be scored as given (reasons in {output / SCORES_FILE})",
               file=sys.stderr)  # fmt: skip

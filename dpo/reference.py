@@ -22,7 +22,7 @@ from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 
 Reference = Callable[[Sequence[Encoded]], torch.Tensor]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: computed in eval mode (1 ran a model with dropout in train mode)
 
 
 @contextmanager

@@ -126,11 +126,10 @@ class RewardModel:
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    @property
-    def pads_batches(self) -> bool:
-        """Whether a forward pads its sequences to the longest (accelerators), so costs rows × longest positions;
-        bf16-paired packs them."""
-        return self.paired is None and pads_batches(self.policy)
+    def forward_pads(self, float32: bool = False) -> bool:
+        """Whether a forward (``score_encoded(..., float32)``) pads its sequences to the longest, as on
+        accelerators, so costs rows × longest positions; bf16-paired's own pass packs them."""
+        return (self.paired is None or float32) and pads_batches(self.policy)
 
     @property
     def precision(self) -> str:

@@ -243,7 +243,6 @@ def create_app(state: State, loader=None) -> FastAPI:
                         "request_too_large",
                     )
                 seqs.append(seq)
-        state.metrics.truncations.inc(sum(seq.truncated for seq in seqs))  # once the whole request is accepted
         state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
         return seqs
 
@@ -271,7 +270,11 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise ApiError(413, str(e), "request_too_large") from None
         except ShuttingDown as e:
             raise ApiError(503, str(e), "unavailable", {"Retry-After": "5"}) from None
-        results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
+        state.metrics.truncations.inc(sum(seq.truncated for seq in seqs))  # admitted: counted once
+        try:
+            results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
+        except ShuttingDown as e:  # queued when the device failed
+            raise ApiError(503, str(e), "unavailable") from None
         if model.has_reference and not options.reference_free and model.ref_cache.capacity:  # a lookup happened
             for r in results:
                 state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()

@@ -75,7 +75,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self.broken: str | None = None  # why the device can score nothing more (a sticky accelerator error)
-        self._padded = getattr(model, "pads_batches", False)
+        pads = getattr(model, "forward_pads", None)  # a stub model in tests may not say
+        self._padded = {f: bool(pads(f)) if pads is not None else False for f in (False, True)}
         self._tokens_per_second: float | None = None  # moving average of the forwards' throughput
         self._thread = threading.Thread(target=self._run, name="dporm-batcher", daemon=True)
         self._thread.start()
@@ -152,6 +153,10 @@ class Batcher:
 
     def _run(self) -> None:
         while (batch := self._take()) is not None:
+            if self.broken is not None:  # queued before the device failed: refused as later work is (503)
+                for job in batch:
+                    _resolve(job, None, ShuttingDown(f"the server cannot score: {self.broken}; restart it"))
+                continue
             now = time.perf_counter()
             for job in batch:
                 self.observe("queue_seconds", now - job.enqueued)
@@ -160,9 +165,9 @@ class Batcher:
                 if jobs:
                     self._score(jobs, reference_free)
 
-    def _cost(self, rows: int, longest: int, tokens: int) -> int:
+    def _cost(self, rows: int, longest: int, tokens: int, float32: bool) -> int:
         """Token positions a forward of these sequences computes: padded to the longest on accelerators."""
-        return rows * longest if self._padded else tokens
+        return rows * longest if self._padded[float32] else tokens
 
     def _forwards(self, seqs: list[Encoded], owners: list[Job], reference_free: bool, want_tokens: bool,
                   float32: bool = False) -> list[RewardResult | None]:  # fmt: skip
@@ -178,7 +183,7 @@ class Batcher:
                     i += 1
                     continue
                 n = len(seqs[i])
-                if chunk and self._cost(len(chunk) + 1, max(longest, n), tokens + n) > self.max_batch_tokens:
+                if chunk and self._cost(len(chunk) + 1, max(longest, n), tokens + n, float32) > self.max_batch_tokens:
                     break
                 chunk.append(i)
                 longest, tokens = max(longest, n), tokens + n
@@ -189,7 +194,7 @@ class Batcher:
             start = time.perf_counter()
             scored = self.model.score_encoded(batch, "sum", reference_free, want_tokens, float32)
             seconds = time.perf_counter() - start
-            self._note_rate(_computed_tokens(batch), seconds)
+            self._note_rate(tokens, seconds)  # tokens as the queue counts them, for Retry-After
             self.observe("forward_seconds", seconds)
             self.observe("batch_sequences", len(batch))
             self.observe("batch_tokens", tokens)
@@ -261,17 +266,11 @@ class Batcher:
             self._tokens_per_second = rate if old is None else 0.8 * old + 0.2 * rate
 
 
-def _computed_tokens(seqs: list[Encoded]) -> int:
-    """Tokens a forward computes: a prompt shared by several sequences counts once."""
-    prompts = {s.prompt_ids for s in seqs}
-    return sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
-
-
 def _poisons_device(error: Exception) -> bool:
     """An accelerator error after which the device fails every call (CUDA's sticky errors), not one bad input."""
     text = str(error)
     sticky = "device-side assert" in text or "illegal memory access" in text or "unspecified launch failure" in text
-    return isinstance(error, torch.AcceleratorError) and sticky
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) and sticky  # torch >= 2.8 names the type
 
 
 def _resolve(job: Job, result, error: BaseException | None) -> None:

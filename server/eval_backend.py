@@ -6,7 +6,8 @@ the same weights (checked on ``/info``). Scores follow :func:`dpo.eval_backend.m
 asks ``/v1/rewards`` for ``token_rewards`` (β·log π per token when reference-free) and divides β back out.
 Encoding is the server's (dporm's rule; over-long rows cut as offline: prompt from the left, then the response,
 with ``truncate_response``); RewardBench-compat tokenization is offline only. A row the server refuses as
-given (413, 422) is skipped for good; other errors fail the row, and a rerun retries it.
+given (a 413 or 422 about the item's text) is skipped for good; other errors fail the row, and a rerun
+retries it.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class ServerBackend:
             if e.status >= 500 or e.status in (401, 403):
                 raise DpormError(f"{client.base_url}: {e}") from None
             if len(groups) == 1:
-                return [Refused(e.message) if e.status in (413, 422) else e.message]
+                # "item N: ..." is the server's verdict on the row's own text (cannot be encoded, too long);
+                # a schema or limit error says nothing about the row: a failure, retried by a rerun.
+                row_fault = e.status in (413, 422) and e.message.startswith("item ")
+                return [Refused(e.message) if row_fault else e.message]
             return [x for g in groups for x in self._shard(client, [g])]  # find the rows the server refuses
         except httpx.HTTPError as e:
             raise DpormError(f"{client.base_url}: {e}") from None

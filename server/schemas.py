@@ -107,8 +107,9 @@ class Document(BaseModel):
 class RerankRequest(ScoringOptions):
     """Cohere/Jina/vLLM rerank: the query is the prompt, documents are candidate responses.
 
-    Unknown fields are a 422, as on every route (a typo such as ``top_k`` is not dropped in silence); ``model``,
-    which peers' clients send, is accepted and ignored.
+    Unknown fields are a 422, as on every route (a typo such as ``top_k`` is not dropped in silence). Fields
+    that peers' clients send and that change nothing here are accepted and ignored: ``model``; Cohere's
+    ``max_chunks_per_doc`` (a document is scored whole) and ``rank_fields`` (documents are text).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -118,6 +119,8 @@ class RerankRequest(ScoringOptions):
     top_n: StrictInt | None = Field(None, ge=0, description="the best top_n results; 0 or none: all (as vLLM)")
     return_documents: StrictBool = False
     model: str | None = None
+    max_chunks_per_doc: int | None = Field(None, description="accepted and ignored: a document is scored whole")
+    rank_fields: list[str] | None = Field(None, description="accepted and ignored: documents are text")
 
     @model_validator(mode="after")
     def _one_prompt(self):
@@ -148,7 +151,8 @@ class RerankResponse(BaseModel):
 
 
 class TEIRerankRequest(BaseModel):
-    """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI."""
+    """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI.
+    ``truncation_direction`` is accepted and ignored: with ``truncate``, the prompt is always cut from the left."""
 
     model_config = ConfigDict(extra="forbid")
     query: str
@@ -156,6 +160,7 @@ class TEIRerankRequest(BaseModel):
     raw_scores: StrictBool = False
     return_text: StrictBool = False
     truncate: StrictBool = False
+    truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
 
 
 class TEIRank(BaseModel):

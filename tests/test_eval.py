@@ -9,7 +9,7 @@ import pytest
 
 import dpo.eval_command as eval_command
 from dpo.cli import main
-from dpo.eval_backend import Refused, ResponseScore
+from dpo.eval_backend import Group, Refused, ResponseScore, ScoreMode
 from dpo.eval_metrics import (
     EXAMPLE_COUNTS,
     SECTIONS,
@@ -294,3 +294,33 @@ def test_compat_without_a_chat_template_is_refused_before_scoring():
     model = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None), has_reference=True, beta=1.0)
     with pytest.raises(DpormError, match="needs a tokenizer with a chat template"):
         OfflineBackend(model, ScoreMode(False, "avg"), compat=True)
+
+
+def test_strict_pairs_make_a_refused_row_fatal(tmp_path, monkeypatch, capsys):
+    use(monkeypatch, FakeBackend(fn=fact_score, refuse=True))  # refuses the "bread" row
+    assert run("pairs", PREFS, tmp_path / "a", "--limit", "3", "--strict") == 1
+    assert "cannot be encoded: bread (--strict" in capsys.readouterr().err
+
+
+def test_a_server_refusal_is_the_rows_own_only_when_it_is_about_its_text():
+    from server.client import RewardServerError
+    from server.eval_backend import ServerBackend
+
+    class Client:
+        base_url = "http://x"
+
+        def __init__(self, error):
+            self.error = error
+
+        def rewards(self, *args, **kwargs):
+            raise self.error
+
+    backend = ServerBackend.__new__(ServerBackend)
+    backend.mode = ScoreMode(False, "avg")
+    group = [Group("p", ("a", "b"))]
+    for status, message, refused in [(413, "item 1: the response alone exceeds max_length=8 tokens", True),
+                                     (422, "item 0: the conversation is empty", True),
+                                     (422, "truncate_response: Extra inputs are not permitted", False),
+                                     (413, "9 sequences; the limit is 4", False)]:  # fmt: skip
+        (result,) = backend._shard(Client(RewardServerError(status, "x", status, message)), group)
+        assert isinstance(result, Refused) == refused and result == message

@@ -232,13 +232,16 @@ def test_flags_and_counts_are_not_coerced_from_strings(reward_model, path, body)
     [
         ("/v1/rerank", {"query": PROMPT, "documents": ["a"], "top_k": 1}, "top_k"),
         ("/v2/rerank", {"query": PROMPT, "documents": ["a"], "return_document": True}, "return_document"),
-        ("/rerank", {"query": PROMPT, "texts": ["a"], "truncation_direction": "Left"}, "truncation_direction"),
+        ("/rerank", {"query": PROMPT, "texts": ["a"], "return_texts": True}, "return_texts"),
     ],
 )
 def test_rerank_refuses_unknown_fields_but_takes_a_model_name(reward_model, path, body, field):
     with make_client(reward_model) as c:
         assert field in _error(c.post(path, json=body), 422)
-        assert c.post("/v1/rerank", json={"query": PROMPT, "documents": ["a"], "model": "any"}).status_code == 200
+        peers = {"model": "any", "max_chunks_per_doc": 10, "rank_fields": ["text"]}  # accepted, ignored
+        assert c.post("/v1/rerank", json={"query": PROMPT, "documents": ["a"], **peers}).status_code == 200
+        tei = {"query": PROMPT, "texts": ["a"], "truncation_direction": "Right"}
+        assert c.post("/rerank", json=tei).status_code == 200
 
 
 def test_json_errors_say_what_is_wrong_with_the_body(reward_model):

@@ -233,7 +233,10 @@ class StubModel:
     beta, paired = 1.0, None
 
     def __init__(self, pads_batches=False, fail=None, delay=0.0):
-        self.pads_batches, self.fail, self.delay, self.forwards = pads_batches, fail, delay, []
+        self.pads, self.fail, self.delay, self.forwards = pads_batches, fail, delay, []
+
+    def forward_pads(self, float32=False):
+        return self.pads
 
     def score_encoded(self, seqs, normalize=None, reference_free=False, token_rewards=False, float32=False):
         from dpo.scorer import RewardResult
@@ -296,16 +299,21 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
     import server.batcher as batcher_module
     from server.batcher import Batcher, ShuttingDown
 
-    model = StubModel(fail=torch.AcceleratorError("CUDA error: device-side assert triggered"))
-    batcher = Batcher(model)
+    model = StubModel(fail=torch.AcceleratorError("CUDA error: device-side assert triggered"), delay=0.3)
+    batcher = Batcher(model, max_batch_tokens=5)
     loop = asyncio.new_event_loop()
     try:
-        first = job_of(loop, [5])
+        first, queued = job_of(loop, [5]), job_of(loop, [5])
         batcher.submit(first)
+        until(lambda: model.forwards)
+        batcher.submit(queued)  # waits while the first one breaks the device
         until(lambda: batcher.failure is not None)
         assert "device-side assert" in batcher.failure
         with pytest.raises(ShuttingDown, match="restart"):
             batcher.submit(job_of(loop, [5]))
+        with pytest.raises(ShuttingDown, match="restart"):  # refused (503), not run on the dead device (500)
+            loop.run_until_complete(asyncio.wait_for(queued.future, 5))
+        assert len(model.forwards) == 1
     finally:
         batcher.stop()
         loop.close()
@@ -313,6 +321,8 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
         batcher_module._poisons_device(RuntimeError("CUDA error: device-side assert")) is False
     )  # not an accelerator error
     assert batcher_module._poisons_device(torch.AcceleratorError("CUDA error: out of memory")) is False
+    monkeypatch.delattr(torch, "AcceleratorError")  # torch < 2.8 has no such type: nothing poisons, nothing raises
+    assert batcher_module._poisons_device(ValueError("device-side assert")) is False
 
 
 def test_health_and_ready_report_a_broken_batcher(reward_model):
