@@ -313,6 +313,8 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
             batcher.submit(job_of(loop, [5]))
         with pytest.raises(ShuttingDown, match="restart"):  # refused (503), not run on the dead device (500)
             loop.run_until_complete(asyncio.wait_for(queued.future, 5))
+        with pytest.raises(torch.AcceleratorError):  # the one that ran: the device's own error (500)
+            loop.run_until_complete(asyncio.wait_for(first.future, 5))
         assert len(model.forwards) == 1
     finally:
         batcher.stop()
