@@ -6,6 +6,7 @@ Run: ``.venv/bin/python bench/gemm_rows.py`` (writes ``bench/results/gemm_rows.t
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def gflops(m: int, k: int, n: int, reps: int = 40, weights: int = 16) -> float:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output", default=str(Path(__file__).parent / "results/gemm_rows.txt"), help="result file")
+    args = p.parse_args()
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -39,7 +43,7 @@ def main() -> None:
         lines.append(f"{m:6d} | " + " | ".join(f"{gflops(m, k, n_):8.0f}" for k, n_ in SHAPES))
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    out = Path(__file__).parent / "results/gemm_rows.txt"
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 

@@ -162,8 +162,8 @@ COMMANDS = {
         "train a DPO policy; writes a reward-model artifact",
         "Train a DPO policy on preference data (prompt/chosen/rejected, chat messages, HH-RLHF dialogues or "
         "rankings) and write a reward-model artifact: the policy (LoRA adapter or full checkpoint) plus dporm.json. "
-        "Options may also come from --config (YAML/TOML); flags override it. Multi-process: accelerate launch -m "
-        "dpo.cli train ...",
+        "Options may also come from --config (YAML, TOML or JSON); flags override it. Multi-process: torchrun "
+        "--nproc-per-node N -m dpo.cli train ... (CPUs), or accelerate launch -m dpo.cli train ... (GPUs).",
         ("dpo.train_config:add_train_arguments", _run_train),
     ),
     "score": (

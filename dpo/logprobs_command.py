@@ -96,16 +96,16 @@ def run_logprobs(args: argparse.Namespace) -> None:
 
 def _print_table(results: list[dict]) -> None:
     if "logp_chosen" in results[0]:
-        print(f"{'row':>5} {'logp chosen':>12} {'tok':>5} {'logp rejected':>14} {'tok':>5} {'mean c-r':>9}")
+        print(f"{'index':>5} {'logp chosen':>12} {'tok':>5} {'logp rejected':>14} {'tok':>5} {'mean c-r':>9}")
         for r in results:
             print(
-                f"{r['index'] + 1:>5} {r['logp_chosen']:>12.2f} {r['tokens_chosen']:>5} "
+                f"{r['index']:>5} {r['logp_chosen']:>12.2f} {r['tokens_chosen']:>5} "
                 f"{r['logp_rejected']:>14.2f} {r['tokens_rejected']:>5} "
                 f"{r['mean_chosen'] - r['mean_rejected']:>+9.3f}"
             )
         agree = sum(r["mean_chosen"] > r["mean_rejected"] for r in results)
         print(f"chosen has the higher mean log-prob in {agree}/{len(results)} pairs")
     else:
-        print(f"{'row':>5} {'logp':>12} {'tokens':>7} {'mean':>8}")
+        print(f"{'index':>5} {'logp':>12} {'tokens':>7} {'mean':>8}")
         for r in results:
-            print(f"{r['index'] + 1:>5} {r['logp']:>12.2f} {r['tokens']:>7} {r['mean']:>8.3f}")
+            print(f"{r['index']:>5} {r['logp']:>12.2f} {r['tokens']:>7} {r['mean']:>8.3f}")

@@ -48,8 +48,6 @@ def load_adapter(base, path: str, allow_pickle: bool = False):
         with warnings.catch_warnings():
             # PEFT warns that merging a delta on tied embeddings is hard; dporm unties before merging.
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
-            # PEFT calls a transformers API deprecated in v5; the warning says nothing to a dporm user.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             return PeftModel.from_pretrained(base, path).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise DpormError(f"cannot load adapter from {path}: {str(e).splitlines()[0]}") from None

@@ -257,13 +257,17 @@ def load_rows(source: str, split: str = "train"):
 
 
 def _quietly(datasets, load):
-    """``load()`` without datasets' own error log lines: a malformed file ends in our one-line error instead."""
-    level = datasets.logging.get_verbosity()
+    """``load()`` without datasets' own error log lines (a malformed file ends in our one-line error instead) and
+    without its "Generating train split" bars for a local file (our commands show their own progress)."""
+    level, bars_off = datasets.logging.get_verbosity(), datasets.are_progress_bars_disabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
         return load()
     finally:
         datasets.logging.set_verbosity(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
 
 
 def load_preferences(source: str, cols: Columns = Columns(), split: str = "train", strict: bool = False,

@@ -1,6 +1,6 @@
 """``dporm train`` options: one dataclass is the flag list, the config-file schema and the defaults.
 
-Precedence: built-in defaults < config file (YAML or TOML, keys as in the flags with ``_`` or ``-``)
+Precedence: built-in defaults < config file (YAML, TOML or JSON, keys as in the flags with ``_`` or ``-``)
 < flags given on the command line. Conflicting options fail with an error naming both.
 """
 
@@ -86,7 +86,7 @@ class TrainConfig:
     cache_dir: str = _opt(None, "dporm cache root (default $DPORM_CACHE_DIR or ~/.cache/dporm)")
     trust_remote_code: bool = _opt(False, "run model code shipped with the checkpoint")
     allow_pickle: bool = _opt(False, "also load pickle (.bin) weights; unsafe")
-    config: str = _opt(None, "YAML or TOML file of these options; flags override it")
+    config: str = _opt(None, "YAML, TOML or JSON file of these options; flags override it")
 
     def to_dict(self) -> dict:
         return asdict(self)

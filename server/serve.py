@@ -52,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> None:
             raise DpormError("give an artifact directory or --policy/--reference/--beta, not both")
         Manifest.load(args.artifact)  # a bad directory fails here, in one line, before the server starts
     elif not args.policy or args.beta is None:
-        raise DpormError("give an artifact directory, or --policy and --beta (and --reference)")
+        raise DpormError("give an artifact directory, or --policy and --beta (and --reference unless reference-free)")
     require_at_least(args, ("max_items", "max_body_bytes", "max_batch_tokens", "max_queue_requests",
                             "max_queue_tokens", "retry_after"))  # fmt: skip
     require_at_least(args, ("ref_cache_size", "drain_seconds"), 0)
@@ -72,6 +72,8 @@ def run_serve(args: argparse.Namespace) -> None:
         raise DpormError(f"--recheck must be a finite number of nats >= 0, got {args.recheck:g}")
     if args.recheck > 0 and args.dtype != PAIRED:
         raise DpormError(f"--recheck applies to --dtype {PAIRED} only (other precisions have nothing to recheck)")
+    if args.api_key is not None and not args.api_key:  # `--api-key "$KEY"` with KEY unset: not "no auth"
+        raise DpormError("--api-key is empty; give a key, or leave the flag out to serve without one")
     api_key = args.api_key or os.environ.get("DPORM_API_KEY") or None
     if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
         raise DpormError("the API key must be printable ASCII without spaces (HTTP headers carry ASCII)")

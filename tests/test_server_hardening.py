@@ -125,6 +125,7 @@ def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
         (["--recheck", "0.1"], "--recheck applies to --dtype bf16-paired only"),
         (["--dtype", "bf16-paired", "--recheck", "-1"], "--recheck must be a finite number of nats >= 0"),
         (["--beta", "3"], "not both"),
+        (["--api-key", ""], "--api-key is empty"),  # `--api-key "$KEY"` with KEY unset must not mean no auth
     ],
 )
 def test_serve_rejects_bad_flags_before_loading(artifact, capsys, extra, reason):
