@@ -200,7 +200,11 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
-        args = build_parser(only=_command_in(argv)).parse_args(argv)
+        args, unknown = build_parser(only=_command_in(argv)).parse_known_args(argv)
+        if unknown:  # named with the command whose --help lists the options, not the top-level one
+            names = ("command", "model_command", "eval_command")
+            command = " ".join(["dporm", *(getattr(args, n) for n in names if getattr(args, n, None))])
+            raise DpormError(f"unrecognized arguments: {' '.join(unknown)} (see '{command} --help')")
         keep_freed_memory()  # before any model work: see dpo.allocator
         args.run(args)
     except DpormError as e:

@@ -26,6 +26,8 @@ def test_help_lists_subcommands():
         (["logprobs", "--data", "{data}", "--model", "/nonexistent/model"], "no such model directory"),
         (["logprobs", "--data", "{data}", "--limit", "0"], "--limit must be at least 1"),
         (["logprobs", "--data", "{data}", "--dtype", "fp8"], "unknown dtype"),
+        (["logprobs", "--data", "{data}", "--bogus"], "unrecognized arguments: --bogus (see 'dporm logprobs --help')"),
+        (["eval", "pairs", "--data", "{data}", "--output", "o", "--x"], "(see 'dporm eval pairs --help')"),
     ],
 )
 def test_user_mistakes_give_one_line_and_no_traceback(tmp_path, capsys, args, message):
