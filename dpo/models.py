@@ -78,7 +78,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise DpormError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        cause = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        cause = cause if len(cause) <= 400 else cause[:399] + "…"  # one line, whole sentences where they fit
+        raise DpormError(f"cannot load tokenizer from {path}: {cause}") from None
 
 
 def load_model(
