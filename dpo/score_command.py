@@ -38,7 +38,9 @@ def run_score(args: argparse.Namespace) -> None:
         require_writable(args.output)
         if _same_file(args.output, args.data):
             raise DpormError(f"--output {args.output} is the --data file: the scores would overwrite the records")
-    rows = list(itertools.islice(load_rows(args.data, args.split), args.limit))
+    if args.split is not None and Path(args.data).expanduser().is_file():
+        raise DpormError(f"--split applies to dataset directories and hub ids; {args.data} is a file")
+    rows = list(itertools.islice(load_rows(args.data, args.split or "train"), args.limit))
     shapes = [_fields(r) for r in rows]
     kind = next((f for f in shapes if f), None)
     if kind is None:
@@ -109,7 +111,7 @@ def run_score(args: argparse.Namespace) -> None:
 def add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", nargs="?", help="artifact directory with dporm.json")
     p.add_argument("--data", required=True, help="JSONL/JSON/Parquet/CSV, dataset dir or hub id")
-    p.add_argument("--split", default="train", help="dataset split (dataset dirs and hub ids)")
+    p.add_argument("--split", help="dataset split of a dataset dir or hub id (default train)")
     p.add_argument("--output", help="write one JSON line of rewards per record here")
     p.add_argument("--policy", help="policy model (instead of an artifact)")
     p.add_argument("--reference", help="reference model (with --policy; omit for reference-free)")

@@ -136,3 +136,10 @@ def test_score_refuses_to_write_over_its_data(artifact, tmp_path, capsys):
     before = data.read_text()
     assert main(["score", str(artifact), "--data", str(data), "--output", str(tmp_path / "." / "rows.jsonl")]) == 1
     assert "is the --data file" in capsys.readouterr().err and data.read_text() == before
+
+
+def test_score_split_on_a_file_is_an_error_not_ignored(artifact, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi.", "chosen": "Hello.", "rejected": "Go."}) + "\n")
+    assert main(["score", str(artifact), "--data", str(data), "--split", "test"]) == 1
+    assert "--split applies to dataset directories and hub ids" in capsys.readouterr().err
