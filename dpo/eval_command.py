@@ -111,6 +111,9 @@ def load_eval_rows(args: argparse.Namespace) -> tuple[list[Row], list[tuple[int,
 
     The hash covers every row, not only the limited ones, so a run can be extended with a larger ``--limit``.
     """
+    from dpo.preference_data import require_split_applies
+
+    require_split_applies(args.data, args.split)
     split = args.split or DEFAULT_SPLITS[args.eval_command]
     if args.eval_command == "pairs":
         from dpo.preference_data import load_preferences

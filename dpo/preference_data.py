@@ -227,6 +227,12 @@ def parse_rows(rows: Iterable[dict], cols: Columns = Columns(), strict: bool = F
 # --- sources ---------------------------------------------------------------------------------------
 
 
+def require_split_applies(source: str, split: str | None) -> None:
+    """``--split`` names a split of a dataset dir or hub id; a file has none: a one-line error, not ignored."""
+    if split is not None and Path(source).expanduser().is_file():
+        raise DpormError(f"--split applies to dataset directories and hub ids; {source} is a file")
+
+
 def load_rows(source: str, split: str = "train"):
     """Rows of a local JSONL/JSON/Parquet/CSV file (``.gz`` ok), a saved dataset dir, or a hub dataset id."""
     import datasets

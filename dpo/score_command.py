@@ -27,7 +27,7 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 
 def run_score(args: argparse.Namespace) -> None:
     from dpo.models import resolve_device, resolve_dtype
-    from dpo.preference_data import load_rows
+    from dpo.preference_data import load_rows, require_split_applies
     from dpo.scorer import load_reward_model
     from dpo.trainer import wilson_interval
 
@@ -38,8 +38,7 @@ def run_score(args: argparse.Namespace) -> None:
         require_writable(args.output)
         if _same_file(args.output, args.data):
             raise DpormError(f"--output {args.output} is the --data file: the scores would overwrite the records")
-    if args.split is not None and Path(args.data).expanduser().is_file():
-        raise DpormError(f"--split applies to dataset directories and hub ids; {args.data} is a file")
+    require_split_applies(args.data, args.split)
     rows = list(itertools.islice(load_rows(args.data, args.split or "train"), args.limit))
     shapes = [_fields(r) for r in rows]
     kind = next((f for f in shapes if f), None)

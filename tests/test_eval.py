@@ -225,6 +225,7 @@ def test_pairs_accuracy_ci_and_calibration(tmp_path, monkeypatch):
         ),  # fmt: skip
         (["rewardbench", "--data", str(RB), "--output", "{out}", "--policy", "p"], "--policy and --beta"),
         (["rewardbench", "--data", str(RB), "--output", "{out}", "--server", "http://localhost:80o0"], "Invalid port"),
+        (["pairs", "--data", str(PREFS), "--output", "{out}", "--split", "test"], "--split applies to dataset"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
