@@ -77,6 +77,7 @@ class State:
         # requests waiting for it count against max_queue_requests too (429), as the model's queue does.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dporm-tokenize")
         self.tokenize_waiting = 0
+        self.tokenize_seconds: float | None = None  # moving average of one request's tokenizing, for Retry-After
         self.lock = threading.Lock()
 
     def attach(self, model: RewardModel) -> None:
@@ -195,8 +196,10 @@ def create_app(state: State, loader=None) -> FastAPI:
             raise ApiError(413, f"{count} sequences; the limit is {state.limits.max_items}", "request_too_large")
         with state.lock:
             if state.tokenize_waiting >= state.limits.max_queue_requests:
+                backlog = math.ceil(state.tokenize_waiting * (state.tokenize_seconds or 0.0))  # one tokenizer thread
+                wait_s = min(max(retry_after(), backlog), 60)
                 raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
-                               {"Retry-After": str(retry_after())})  # fmt: skip
+                               {"Retry-After": str(wait_s)})  # fmt: skip
             state.tokenize_waiting += 1
         work = state.tokenizing.submit(encode_sync, model, make_groups, options.truncate, options.truncate_response)
 
@@ -243,7 +246,11 @@ def create_app(state: State, loader=None) -> FastAPI:
                         "request_too_large",
                     )
                 seqs.append(seq)
-        state.metrics.latency.labels("tokenize").observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        state.metrics.latency.labels("tokenize").observe(seconds)
+        with state.lock:
+            old = state.tokenize_seconds
+            state.tokenize_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
         return seqs
 
     async def score(

@@ -110,6 +110,7 @@ def test_the_timeout_covers_tokenizing_and_its_backlog_is_bounded(reward_model, 
 
     monkeypatch.setattr(reward_model, "encode_responses", slow_encode)
     state, client = served(reward_model, max_queue_requests=2, request_timeout=1.0)
+    state.tokenize_seconds = 3.0  # as if recent requests took 3 s each to tokenize
 
     async def go():
         async with client:
@@ -122,7 +123,8 @@ def test_the_timeout_covers_tokenizing_and_its_backlog_is_bounded(reward_model, 
 
     first, second, refused = asyncio.run(go())
     assert (first, second, refused.status_code) == (200, 504, 429)
-    assert "tokenizer queue full" in refused.json()["error"]["message"] and refused.headers["Retry-After"]
+    assert "tokenizer queue full" in refused.json()["error"]["message"]
+    assert refused.headers["Retry-After"] == "6"  # two waiting × 3 s, not the model queue's empty estimate
     state.batcher.stop()
 
 
