@@ -65,7 +65,8 @@ class State:
     """What the routes share: the model once loaded, the batcher, limits, metrics, drain flag."""
 
     def __init__(self, limits: Limits, api_key: str | None, recheck: float = 0.0):
-        self.limits, self.api_key, self.metrics = limits, api_key, ServerMetrics()
+        self.limits, self.api_key = limits, api_key
+        self.metrics = ServerMetrics(lambda: self.model.ref_cache if self.model is not None else None)
         self.recheck = recheck  # bf16-paired: close preference/rerank decisions rescored in float32 (0 = off)
         self.model: RewardModel | None = None
         self.batcher: Batcher | None = None
@@ -282,9 +283,6 @@ def create_app(state: State, loader=None) -> FastAPI:
             results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
         except ShuttingDown as e:  # queued when the device failed
             raise ApiError(503, str(e), "unavailable") from None
-        if model.has_reference and not options.reference_free and model.ref_cache.capacity:  # a lookup happened
-            for r in results:
-                state.metrics.ref_cache.labels("hit" if r.cached_ref else "miss").inc()
         if normalize == "mean":
             for r in results:
                 r.reward = r.reward / max(r.response_tokens, 1)

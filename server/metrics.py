@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class _ReferenceCacheCollector:
+    """The reference cache's own hit and miss counts, read at each scrape: every lookup counts, as in /info,
+    also those of requests that ended in 499, 504 or 500."""
+
+    def __init__(self, cache_of: Callable[[], object | None]):
+        self.cache_of = cache_of
+
+    def collect(self):
+        family = CounterMetricFamily("dporm_reference_cache", "Reference log-prob cache lookups", labels=["result"])
+        cache = self.cache_of()
+        if cache is not None:
+            family.add_metric(["hit"], cache.hits)
+            family.add_metric(["miss"], cache.misses)
+        yield family
+
+
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, cache_of: Callable[[], object | None] = lambda: None) -> None:
+        """``cache_of``: the served model's reference cache (None while loading)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -35,7 +55,7 @@ class ServerMetrics:
             buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768),
             registry=r,
         )
-        self.ref_cache = Counter("dporm_reference_cache", "Reference log-prob cache lookups", ["result"], registry=r)
+        r.register(_ReferenceCacheCollector(cache_of))
         self.truncations = Counter("dporm_truncations", "Sequences truncated to fit max_length", registry=r)
         self.rechecked = Counter("dporm_rechecked_groups", "Close groups rescored by the float32 models", registry=r)
 

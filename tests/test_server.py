@@ -113,6 +113,10 @@ def test_probes_info_models_metrics(client, artifact):
         "dporm_queue_requests",
     ):
         assert name in text
+    client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Hi."}]})  # a cache hit
+    cache, text = client.get("/info").json()["reference_cache"], client.get("/metrics").text
+    assert cache["hits"] >= 1 and f'dporm_reference_cache_total{{result="hit"}} {float(cache["hits"])}' in text
+    assert f'dporm_reference_cache_total{{result="miss"}} {float(cache["misses"])}' in text  # the same counts
     assert client.get("/openapi.json").json()["paths"]["/v1/rerank"]
 
 
