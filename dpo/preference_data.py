@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable
@@ -74,14 +75,17 @@ _ASSISTANT = "\n\nAssistant:"
 
 
 def dialogue_to_messages(text: str) -> list[Message]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` → user/assistant messages (empty trailing turns dropped)."""
+    """``"\\n\\nHuman: a\\n\\nAssistant:"`` → user/assistant messages; the empty last assistant turn (the one
+    to generate) is dropped, and any other empty turn makes the row unusable."""
     parts = _TURN.split(text)
     if parts[0].strip():
         raise RowError("text before the first 'Human:'/'Assistant:' turn")
     roles = {"Human": "user", "Assistant": "assistant"}
     messages = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
-    while messages and not messages[-1]["content"]:
+    if messages and messages[-1] == {"role": "assistant", "content": ""}:
         messages.pop()
+    if any(not m["content"] for m in messages):
+        raise RowError("the dialogue has an empty turn")
     return messages
 
 
@@ -99,7 +103,11 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[list[Message], st
     messages = dialogue_to_messages(chosen[:end])
     if not messages:
         raise RowError("empty prompt dialogue")
-    return messages, chosen[end:].strip(), rejected[end:].strip()
+    responses = chosen[end:].strip(), rejected[end:].strip()
+    if any(_TURN.search(r) for r in responses):  # the two dialogues part before their last turn
+        raise RowError("chosen and rejected differ before their last assistant turn: a response holds further "
+                       "'Human:'/'Assistant:' turns")  # fmt: skip
+    return messages, *responses
 
 
 # --- row parsing -----------------------------------------------------------------------------------
@@ -147,22 +155,25 @@ def _conversational(prompt: object, chosen: list, rejected: list, cols: Columns)
     return prompt_out, _assistant_reply(chosen_tail, cols.chosen), _assistant_reply(rejected_tail, cols.rejected)
 
 
+def _numbers(value: object, what: str) -> list[float]:
+    """A list of finite numbers (not a string of digits, not booleans, not NaN)."""
+    ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not all(math.isfinite(v) for v in value):
+        raise RowError(f"'{what}' must be a list of finite numbers, got {str(value)[:60]}")
+    return [float(v) for v in value]
+
+
 def _ranking(row: dict, cols: Columns) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
     responses = row.get(cols.responses)
     if not isinstance(responses, list) or len(responses) < 2:
         raise RowError(f"'{cols.responses}' needs at least two responses")
     texts = [_text(r, f"{cols.responses}[{i}]") for i, r in enumerate(responses)]
-    try:
-        if row.get(cols.scores) is not None:
-            keys = [float(s) for s in row[cols.scores]]
-        elif row.get(cols.ranking) is not None:
-            keys = [-float(r) for r in row[cols.ranking]]  # rank 1 is best
-        else:
-            raise RowError(f"rankings need '{cols.scores}' or '{cols.ranking}'")
-    except (TypeError, ValueError) as e:
-        if isinstance(e, RowError):
-            raise
-        raise RowError(f"scores/ranks must be numbers ({e})") from None
+    if row.get(cols.scores) is not None:
+        keys = _numbers(row[cols.scores], cols.scores)
+    elif row.get(cols.ranking) is not None:
+        keys = [-r for r in _numbers(row[cols.ranking], cols.ranking)]  # each response's rank, 1 is best
+    else:
+        raise RowError(f"rankings need '{cols.scores}' or '{cols.ranking}'")
     if len(keys) != len(texts):
         raise RowError(f"{len(texts)} responses but {len(keys)} scores/ranks")
     order = sorted(range(len(texts)), key=lambda i: -keys[i])  # stable: ties keep input order

@@ -52,6 +52,15 @@ def _load_data(c: TrainConfig, report) -> tuple[PreferenceData, PreferenceData]:
     return train, evaluation
 
 
+def _strict_rankings(examples: list, report) -> list:
+    """Plackett–Luce needs a strict order: a ranking with tied scores would be trained in its input order."""
+    kept = [ex for ex in examples if len(ex.pairs) == len(ex.completions) * (len(ex.completions) - 1) // 2]
+    if len(kept) < len(examples):
+        report(f"skipped {len(examples) - len(kept)} ranking(s) with tied scores: --loss plackett_luce needs a "
+               "strict order")  # fmt: skip
+    return kept
+
+
 def _check_output(c: TrainConfig, output: Path) -> Path | None:
     """The checkpoint to resume from; refuses to overwrite an earlier run's output."""
     if c.resume:
@@ -141,6 +150,8 @@ def run_train(given: dict) -> Path:
     train_data, eval_data = _load_data(c, report)
     train = encode_examples(tokenizer, train_data.examples, c.max_length, c.allow_response_truncation, report)
     evaluation = encode_examples(tokenizer, eval_data.examples, c.max_length, c.allow_response_truncation, report)
+    if c.loss == "plackett_luce":
+        train, evaluation = _strict_rankings(train, report), _strict_rankings(evaluation, report)
     if not train:
         raise DpormError("no training example survived encoding (see the skipped rows above)")
     report(f"{len(train)} training and {len(evaluation)} eval examples")

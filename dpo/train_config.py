@@ -42,7 +42,7 @@ class TrainConfig:
     rejected_column: str = _opt("rejected", "column with the dispreferred response")
     responses_column: str = _opt("responses", "column with a list of responses (rankings)")
     scores_column: str = _opt("scores", "column with per-response scores (rankings; higher is better)")
-    ranking_column: str = _opt("ranking", "column with response indices best first (rankings)")
+    ranking_column: str = _opt("ranking", "column with each response's rank, 1 = best (rankings)")
     strict: bool = _opt(False, "fail on the first unusable row instead of skipping it")
     max_length: int = _opt(1024, "max prompt+response tokens; longer prompts are cut from the left")
     allow_response_truncation: bool = _opt(False, "cut over-long responses instead of skipping the row")

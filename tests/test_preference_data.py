@@ -142,9 +142,30 @@ def test_real_hh_rlhf_helpful_base():
     messages = []
     data = load_preferences(str(SHARED / "hh-rlhf/helpful-base/test.jsonl.gz"), report=messages.append)
     assert len(data.examples) + len(data.skipped) == 2354
-    assert len(data.skipped) == 6  # 2 identical pairs, 4 empty rejected replies in this split
-    assert {why for _, why in data.skipped} == {"chosen and rejected are identical", "'rejected' is empty"}
+    # 2 identical pairs, 3 empty rejected replies, 1 dialogue with an empty turn, and 9 whose chosen and rejected
+    # part before their last turn (a "response" would hold further turns)
+    reasons = [why for _, why in data.skipped]
+    assert len(reasons) == 15 and reasons.count("chosen and rejected are identical") == 2
+    assert reasons.count("'rejected' is empty") == 3 and sum("empty turn" in r for r in reasons) == 1
+    assert sum("differ before their last assistant turn" in r for r in reasons) == 9
     assert messages and messages[0].startswith(f"skipped {len(data.skipped)} unusable row(s)")
     for ex in data.examples[:50]:
         assert isinstance(ex.prompt, list) and ex.prompt[-1]["role"] == "user"
         assert all(r and not r.startswith(" ") for r in ex.responses)
+
+
+def test_dialogue_turns_and_ranking_numbers_are_checked():
+    from dpo.preference_data import RowError, dialogue_to_messages, split_implicit_prompt
+
+    assert dialogue_to_messages("\n\nHuman: q\n\nAssistant:") == [{"role": "user", "content": "q"}]
+    with pytest.raises(RowError, match="empty turn"):  # only the assistant turn to generate may be empty
+        dialogue_to_messages("\n\nHuman: q\n\nAssistant: a\n\nHuman:\n\nAssistant:")
+    with pytest.raises(RowError, match="differ before their last assistant turn"):
+        split_implicit_prompt("\n\nHuman: q\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: x",
+                              "\n\nHuman: q\n\nAssistant: b")  # fmt: skip
+    bad = ([1, float("nan"), 2], "21", [1, True, 2])
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": s} for s in (*bad, [1, 2, 3])]
+    assert [why for _, why in parse_rows(rows).skipped] == [f"'scores' must be a list of finite numbers, got {s}"
+                                                            for s in ("[1, nan, 2]", "21", "[1, True, 2]")]  # fmt: skip
+    ranked = parse_rows([{"prompt": "p", "responses": ["r0", "r1", "r2"], "ranking": [2, 3, 1]}]).examples[0]
+    assert ranked.responses == ("r2", "r0", "r1")  # each response's rank, 1 = best

@@ -376,3 +376,15 @@ def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_
         assert message in capsys.readouterr().err
     state_file.write_text(json.dumps(state))
     assert main([*args, "--resume"]) == 0  # unchanged: resumes (here at its last step) and finishes
+
+
+def test_plackett_luce_skips_rankings_with_ties():
+    from types import SimpleNamespace
+
+    from dpo.train_command import _strict_rankings
+
+    strict = SimpleNamespace(completions=[1, 2, 3], pairs=[(0, 1), (0, 2), (1, 2)])
+    tied = SimpleNamespace(completions=[1, 2, 3], pairs=[(0, 1), (0, 2)])  # 1 and 2 tie: no pair between them
+    said = []
+    assert _strict_rankings([strict, tied], said.append) == [strict]
+    assert said == ["skipped 1 ranking(s) with tied scores: --loss plackett_luce needs a strict order"]
