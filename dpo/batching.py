@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo.encoding import Encoded, encode
+from dpo.encoding import Encoded, encode_responses
 from dpo.errors import EncodingError
 from dpo.preference_data import PreferenceExample
 
@@ -57,7 +57,7 @@ def encode_examples(
     out, failed = [], []
     for ex in examples:
         try:
-            seqs = tuple(encode(tokenizer, ex.prompt, r, max_length, allow_response_truncation) for r in ex.responses)
+            seqs = tuple(encode_responses(tokenizer, ex.prompt, ex.responses, max_length, allow_response_truncation))
         except EncodingError as e:
             failed.append(f"{ex.row} ({e})")
             continue

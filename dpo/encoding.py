@@ -24,6 +24,9 @@ Truncation never drops response tokens silently: when prompt + response exceeds
 ``max_length``, the prompt is cut from the left (keeping a leading BOS) and the
 result is flagged ``truncated``; a response that does not fit next to one
 prompt token raises :class:`ResponseTooLongError` unless ``allow_response_truncation``.
+The responses of one prompt (a chosen/rejected pair, a ranking, best-of-N candidates) share
+one cut, the shortest any of them needs, so that they are compared on the same context (as
+TRL truncates a pair's prompt once).
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ def encode_responses(
     max_length: int | None = None,
     allow_response_truncation: bool = False,
 ) -> Iterator[Encoded]:
-    """:func:`encode` of each (prompt, response), lazily, the prompt rendered and tokenized once.
+    """The (prompt, response) sequences of one prompt's responses, the prompt rendered and tokenized once and
+    cut once for all of them (the shortest cut any needs; a single response is :func:`encode`).
 
     An :class:`EncodingError` is raised when the failing item is reached (the prompt's: at the first).
     """
@@ -166,11 +170,39 @@ def encode_responses(
         except (TypeError, ValueError, TemplateError) as e:  # e.g. a lone surrogate, a template's raise_exception
             raise EncodingError(f"cannot tokenize: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
-    shared: _PromptTokens | None = None
-    for response in responses:
-        shared = shared or guarded(_PromptTokens, tokenizer, prompt)
-        yield _fit(list(shared.ids), guarded(shared.response_ids, response), tokenizer.bos_token_id, max_length,
-                   allow_response_truncation)  # fmt: skip
+    responses = list(responses)
+    if not responses:
+        return
+    try:
+        shared = guarded(_PromptTokens, tokenizer, prompt)
+    except EncodingError as e:
+        failure, shared, tokenized = (0, e), None, []
+    else:
+        failure, tokenized = None, []
+        for i, response in enumerate(responses):  # all tokenized first: the shared cut depends on every one
+            try:
+                tokenized.append(guarded(shared.response_ids, response))
+            except EncodingError as e:
+                failure = (i, e)
+                break
+    fits: list[Encoded] = []
+    for i, response_ids in enumerate(tokenized):
+        try:
+            fits.append(_fit(list(shared.ids), response_ids, tokenizer.bos_token_id, max_length,
+                             allow_response_truncation))  # fmt: skip
+        except EncodingError as e:
+            failure = (i, e) if failure is None or i < failure[0] else failure
+            break
+    keep = min((len(f.prompt_ids) for f in fits), default=0)
+    for i, fit in enumerate(fits):
+        if failure is not None and i == failure[0]:
+            break
+        if len(fit.prompt_ids) > keep:  # another response of this prompt needed a shorter prompt
+            fit = Encoded(tuple(_cut_prompt(list(fit.prompt_ids), keep, tokenizer.bos_token_id)), fit.response_ids,
+                          True)  # fmt: skip
+        yield fit
+    if failure is not None:
+        raise failure[1]
 
 
 def _fit(prompt_ids: list[int], response_ids: list[int], bos_id: int | None, max_length: int | None,

@@ -302,8 +302,19 @@ def create_app(state: State, loader=None) -> FastAPI:
     @app.post("/v1/rewards", response_model=s.RewardsResponse)
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
         items = body.items
-        model, results = await score(request, lambda: [(it.conversation(), [it.response]) for it in items], len(items),
-                                     body, body.return_token_rewards)  # fmt: skip
+
+        def make_groups() -> list[Group]:
+            """Consecutive items with one prompt are its responses: rendered, tokenized and cut once, as a pair."""
+            groups: list[Group] = []
+            for it in items:
+                conversation = it.conversation()
+                if groups and groups[-1][0] == conversation:
+                    groups[-1][1].append(it.response)
+                else:
+                    groups.append((conversation, [it.response]))
+            return groups
+
+        model, results = await score(request, make_groups, len(items), body, body.return_token_rewards)
         data = [
             s.RewardData(
                 index=i,

@@ -44,6 +44,17 @@ def _loaded_info(client: RewardClient, timeout: float) -> dict:
         client.sleep(1.0)
 
 
+def _apart(groups: Sequence[Group]) -> list[list[Group]]:
+    """``groups`` in runs where no two adjacent groups share a prompt."""
+    parts: list[list[Group]] = []
+    for g in groups:
+        if not parts or parts[-1][-1].prompt == g.prompt:
+            parts.append([g])
+        else:
+            parts[-1].append(g)
+    return parts
+
+
 class ServerBackend:
     def __init__(self, urls: Sequence[str], mode: ScoreMode, api_key: str | None = None, batch_size: int = 32,
                  max_retries: int = 5, timeout: float = 300.0):  # fmt: skip
@@ -76,10 +87,14 @@ class ServerBackend:
                 "max_length": info.get("max_length"), "dtype": info.get("dtype"), "servers": servers}  # fmt: skip
 
     def _rewards(self, client: RewardClient, groups: Sequence[Group]) -> list[list[ResponseScore]]:
-        items = [(g.prompt, r) for g in groups for r in g.responses]
         norm = self.mode.reference_free and self.mode.norm == "norm"
-        # Over-long rows are cut as the offline evaluator cuts them.
-        rewards = iter(client.rewards(items, "sum", self.mode.reference_free, norm, truncate_response=True))
+        # Over-long rows are cut as the offline evaluator cuts them: one prompt cut per row. The server cuts
+        # consecutive items with one prompt once, so two adjacent rows with the same prompt go in separate requests.
+        rewards: list = []
+        for part in _apart(groups):
+            items = [(g.prompt, r) for g in part for r in g.responses]
+            rewards += client.rewards(items, "sum", self.mode.reference_free, norm, truncate_response=True)
+        rewards = iter(rewards)
         out = []
         for g in groups:
             row = []

@@ -159,3 +159,19 @@ def test_rewardbench_code_rows_split_on_token_ids(smollm_tokenizer):
         assert list(enc.prompt_ids) == ids(smollm_tokenizer, prompt_text)
         merged += ids(smollm_tokenizer, prompt_text + response_text) != enc.input_ids
     assert merged >= len([r for r in rows if r["subset"].startswith("hep-")])
+
+
+def test_the_responses_of_one_prompt_share_one_prompt_cut(smollm_tokenizer):
+    """A long rejected response must not leave the chosen one with more context: both get the shorter prompt."""
+    from dpo.encoding import encode_responses
+
+    prompt, short, long = "word " * 40, "short", "long " * 12
+    alone = [encode(smollm_tokenizer, prompt, r, max_length=40) for r in (short, long)]
+    assert len(alone[0].prompt_ids) > len(alone[1].prompt_ids)  # cut apart, they would differ
+    pair = list(encode_responses(smollm_tokenizer, prompt, [short, long], max_length=40))
+    assert pair[0].prompt_ids == pair[1].prompt_ids == alone[1].prompt_ids and all(s.truncated for s in pair)
+    assert [s.response_ids for s in pair] == [s.response_ids for s in alone]
+    uncut = [encode(smollm_tokenizer, "Hi.", r, max_length=40) for r in ("a", "b")]
+    assert list(encode_responses(smollm_tokenizer, "Hi.", ["a", "b"], max_length=40)) == uncut  # nothing cut
+    with pytest.raises(ResponseTooLongError):  # a response that cannot fit still fails at its own item
+        list(encode_responses(smollm_tokenizer, prompt, [short, "x " * 60], max_length=40))

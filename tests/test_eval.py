@@ -325,3 +325,10 @@ def test_a_server_refusal_is_the_rows_own_only_when_it_is_about_its_text():
                                      (413, "9 sequences; the limit is 4", False)]:  # fmt: skip
         (result,) = backend._shard(Client(RewardServerError(status, "x", status, message)), group)
         assert isinstance(result, Refused) == refused and result == message
+
+
+def test_adjacent_rows_with_one_prompt_go_to_a_server_apart():
+    from server.eval_backend import _apart
+
+    a, b, c = Group("p", ("x", "y")), Group("p", ("z", "w")), Group("q", ("x", "y"))
+    assert _apart([a, b, c, a]) == [[a], [b, c, a]]  # b would share a's cut in one request

@@ -203,9 +203,11 @@ def test_truncate_cuts_prompts_never_responses(reward_model):
         docs = ["Craters.", "word " * 40]
         body = {"query": "word " * 600, "documents": docs, "truncate": True}
         usage = c.post("/v1/rerank", json=body).json()["usage"]
-    seqs = [reward_model.encode(body["query"], d) for d in docs]
-    assert all(s.truncated for s in seqs) and len({len(s.prompt_ids) for s in seqs}) == 2
-    assert usage["prompt_tokens"] == sum(len(s.prompt_ids) for s in seqs)  # cut differently: two prompts
+    apart = [reward_model.encode(body["query"], d) for d in docs]
+    assert len({len(s.prompt_ids) for s in apart}) == 2  # alone, each document would keep another prompt length
+    seqs = list(reward_model.encode_responses(body["query"], docs))
+    assert all(s.truncated for s in seqs) and len({s.prompt_ids for s in seqs}) == 1  # one cut for all documents
+    assert usage["prompt_tokens"] == len(seqs[0].prompt_ids)  # the shared prompt counted once
 
 
 def test_rerank_takes_top_n_zero_as_all_and_answers_on_v2(reward_model):
@@ -291,3 +293,14 @@ def test_a_shared_prompt_is_rendered_once_and_encodes_as_alone(reward_model, mon
         bad = {"query": PROMPT, "documents": ["fine", "a\ud800b"]}
         sent = c.post("/v1/rerank", content=json.dumps(bad), headers={"content-type": "application/json"})
         assert _error(sent, 422).startswith("item 1: cannot tokenize")
+
+
+def test_consecutive_rewards_items_with_one_prompt_share_its_cut(reward_model):
+    """As a pair's responses: the prompt is cut once for both, so the short one loses the same context."""
+    prompt, responses = "word " * 600, ["Craters.", "word " * 40]
+    with make_client(reward_model) as c:
+        items = [{"prompt": prompt, "response": r} for r in responses]
+        got = c.post("/v1/rewards", json={"items": items, "truncate": True}).json()["data"]
+    want = reward_model.score_encoded(list(reward_model.encode_responses(prompt, responses)))
+    assert [d["reward"] for d in got] == pytest.approx([r.reward for r in want], abs=1e-5)
+    assert all(d["truncated"] for d in got)
