@@ -111,7 +111,7 @@ def _check_options(args: argparse.Namespace, output: Path) -> None:
 
 def run_extract(args: argparse.Namespace) -> Path:
     from dpo.logprobs_command import resolve_model_path
-    from dpo.scorer import check_tokenizers_match
+    from dpo.pair_checks import check_tokenizers_match
 
     started = time.time()
     output = Path(args.output).expanduser()

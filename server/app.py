@@ -9,13 +9,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,72 +21,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from dpo import __version__
-from dpo.encoding import Encoded
-from dpo.errors import DpormError, EncodingError, ResponseTooLongError
-from dpo.scorer import RewardModel, RewardResult
+from dpo.errors import DpormError
 from server import schemas as s
 from server.admission import Admission
-from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
-from server.metrics import ServerMetrics
+from server.pipeline import ApiError, Group, Limits, State, error_response, sigmoid, usage
 
-Group = tuple[Any, list[str]]  # a prompt (string or messages) and its responses: the prompt is tokenized once
+__all__ = ["INFERENCE_ROUTES", "Limits", "State", "create_app"]
 INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
 # With an API key these need it too (they name the models' paths); /health, /ready and /metrics stay open for probes.
 PROTECTED_ROUTES = {("POST", path) for path in INFERENCE_ROUTES} | {("GET", "/info"), ("GET", "/v1/models")}
 log = logging.getLogger("dporm.server")
-
-
-@dataclass
-class Limits:
-    max_items: int = 256
-    max_body_bytes: int = 4 << 20
-    max_batch_tokens: int = 8192
-    max_queue_requests: int = 256
-    max_queue_tokens: int = 1 << 20
-    request_timeout: float = 60.0
-    retry_after: int = 1
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str, kind: str, headers: dict | None = None):
-        self.code, self.message, self.kind, self.headers = code, message, kind, headers
-
-
-def _error(code: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    body = s.ErrorResponse(error=s.ErrorDetail(message=message, type=kind, code=code))
-    return JSONResponse(body.model_dump(), status_code=code, headers=headers)
-
-
-class State:
-    """What the routes share: the model once loaded, the batcher, limits, metrics, drain flag."""
-
-    def __init__(self, limits: Limits, api_key: str | None, recheck: float = 0.0):
-        self.limits, self.api_key = limits, api_key
-        self.metrics = ServerMetrics(lambda: self.model.ref_cache if self.model is not None else None)
-        self.recheck = recheck  # bf16-paired: close preference/rerank decisions rescored in float32 (0 = off)
-        self.model: RewardModel | None = None
-        self.batcher: Batcher | None = None
-        self.draining = False
-        self.load_error: str | None = None
-        self.on_load_error = None  # called with the one-line cause when the background load fails
-        self.loader_thread: threading.Thread | None = None
-        # Tokenizing runs off the event loop, one request at a time (a fast tokenizer is not re-entrant);
-        # requests waiting for it count against max_queue_requests too (429), as the model's queue does.
-        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dporm-tokenize")
-        self.tokenize_waiting = 0
-        self.tokenize_seconds: float | None = None  # moving average of one request's tokenizing, for Retry-After
-        self.lock = threading.Lock()
-
-    def attach(self, model: RewardModel) -> None:
-        self.batcher = Batcher(
-            model,
-            self.limits.max_batch_tokens,
-            self.limits.max_queue_requests,
-            self.limits.max_queue_tokens,
-            self.metrics.observe,
-            self.recheck,
-        )
-        self.model = model
 
 
 def create_app(state: State, loader=None) -> FastAPI:
@@ -125,7 +65,7 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return _error(e.code, e.message, e.kind, e.headers)
+        return error_response(e.code, e.message, e.kind, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -134,22 +74,22 @@ def create_app(state: State, loader=None) -> FastAPI:
         if first.get("type") == "json_invalid":  # loc holds a character offset, not a field
             reason = first.get("ctx", {}).get("error", "JSON decode error")
             message = f"the body is not valid JSON (at character {loc[-1]}: {reason})"
-            return _error(422, message, "invalid_request_error")
+            return error_response(422, message, "invalid_request_error")
         if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
-            return _error(422, "the body must be a JSON object sent with 'Content-Type: application/json'",
+            return error_response(422, "the body must be a JSON object sent with 'Content-Type: application/json'",
                           "invalid_request_error")  # fmt: skip
         where = ".".join(str(p) for p in loc if p != "body")
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        return _error(422, f"{where}: {message}" if where else message, "invalid_request_error")
+        return error_response(422, f"{where}: {message}" if where else message, "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         if e.status_code == 400 and isinstance(e.__cause__, ClientDisconnect):  # gone mid-body: nobody to answer
-            return _error(499, "client disconnected", "cancelled")
+            return error_response(499, "client disconnected", "cancelled")
         if e.status_code == 400:  # FastAPI's "error parsing the body" (bad UTF-8, nesting too deep): malformed input
-            return _error(422, str(e.detail), "invalid_request_error")
+            return error_response(422, str(e.detail), "invalid_request_error")
         kind = "not_found_error" if e.status_code == 404 else "http_error"
-        return _error(e.status_code, str(e.detail), kind, getattr(e, "headers", None))  # 405 keeps its Allow
+        return error_response(e.status_code, str(e.detail), kind, getattr(e, "headers", None))  # 405 keeps its Allow
 
     def authorize(headers: dict[str, str]) -> JSONResponse | None:
         """401 unless the API key (if any) is given as ``Authorization: Bearer KEY`` (constant-time comparison)."""
@@ -159,145 +99,13 @@ def create_app(state: State, loader=None) -> FastAPI:
         if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), state.api_key.encode()):
             return None
         message = "missing or invalid API key (Authorization: Bearer <key>)"
-        return _error(401, message, "authentication_error", {"WWW-Authenticate": "Bearer"})
+        return error_response(401, message, "authentication_error", {"WWW-Authenticate": "Bearer"})
 
     def endpoints() -> set[str]:
         return {route.path for route in app.routes}
 
-    app.add_middleware(Admission, state=state, protected_routes=PROTECTED_ROUTES, authorize=authorize, error=_error,
-                       endpoints=endpoints)  # fmt: skip
-
-    def ready_model() -> RewardModel:
-        """The model; 503 while it loads. Draining only turns /ready to 503: work still arriving is served."""
-        if state.model is None:
-            raise ApiError(503, state.load_error or "the model is loading", "unavailable", {"Retry-After": "5"})
-        return state.model
-
-    async def wait(request: Request, future: asyncio.Future, deadline: float, abandon: Callable[[], Any]) -> Any:
-        """``future``'s result; 504 past ``deadline``, 499 once the client has gone (``abandon`` runs on both)."""
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ApiError(504, f"no result within {state.limits.request_timeout:g} s", "timeout_error")
-                done, _ = await asyncio.wait({future}, timeout=min(0.25, remaining))
-                if done:
-                    return future.result()
-                if await request.is_disconnected():
-                    raise ApiError(499, "client disconnected", "cancelled")
-        except BaseException:
-            abandon()
-            raise
-
-    async def encode_all(request: Request, model: RewardModel, make_groups: Callable[[], list[Group]], count: int,
-                         options: s.ScoringOptions, deadline: float) -> list[Encoded]:  # fmt: skip
-        """Tokenized off the event loop (``make_groups`` too: building conversations of a large body takes time)."""
-        if count > state.limits.max_items:
-            raise ApiError(413, f"{count} sequences; the limit is {state.limits.max_items}", "request_too_large")
-        with state.lock:
-            if state.tokenize_waiting >= state.limits.max_queue_requests:
-                backlog = math.ceil(state.tokenize_waiting * (state.tokenize_seconds or 0.0))  # one tokenizer thread
-                wait_s = min(max(retry_after(), backlog), 60)
-                raise ApiError(429, f"tokenizer queue full ({state.tokenize_waiting} requests)", "rate_limit_error",
-                               {"Retry-After": str(wait_s)})  # fmt: skip
-            state.tokenize_waiting += 1
-        work = state.tokenizing.submit(encode_sync, model, make_groups, options.truncate, options.truncate_response)
-
-        def release(_) -> None:
-            with state.lock:
-                state.tokenize_waiting -= 1
-
-        work.add_done_callback(release)
-        return await wait(request, asyncio.wrap_future(work), deadline, work.cancel)  # cancels it unless started
-
-    def retry_after() -> int:
-        """Seconds a refused client should wait: the queue's drain time at the recent rate, at least the floor."""
-        floor = state.limits.retry_after
-        return state.batcher.retry_after(floor) if state.batcher is not None else floor
-
-    def encode_sync(model: RewardModel, make_groups: Callable[[], list[Group]], truncate: bool,
-                    truncate_response: bool = False) -> list[Encoded]:  # fmt: skip
-        """``truncate`` accepts prompts cut from the left; a response is cut only where the artifact was trained so,
-        or where the request asks for it (``truncate_response``, as RewardBench's evaluation cuts)."""
-        truncate = truncate or truncate_response
-        cut_responses = True if truncate_response else None  # None: the artifact's own setting
-        start = time.perf_counter()
-        seqs: list[Encoded] = []
-        for prompt, responses in make_groups():
-            encoded = model.encode_responses(prompt, responses, cut_responses)  # the prompt tokenized once
-            for _ in responses:
-                i = len(seqs)
-                try:
-                    seq = next(encoded)
-                except ResponseTooLongError:
-                    raise ApiError(
-                        413,
-                        f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
-                        "(a cut response is scored as different text: send truncate_response=true to cut it anyway)",
-                        "request_too_large",
-                    ) from None
-                except EncodingError as e:
-                    raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
-                if seq.truncated and not truncate:
-                    raise ApiError(
-                        413,
-                        f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
-                        "send truncate=true to cut the prompt from the left",
-                        "request_too_large",
-                    )
-                seqs.append(seq)
-        seconds = time.perf_counter() - start
-        state.metrics.latency.labels("tokenize").observe(seconds)
-        with state.lock:
-            old = state.tokenize_seconds
-            state.tokenize_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
-        return seqs
-
-    async def score(
-        request: Request, make_groups: Callable[[], list[Group]], count: int, options: s.ScoringOptions,
-        token_rewards: bool = False, compared: tuple[int, ...] = (),
-    ) -> tuple[RewardModel, list[RewardResult]]:  # fmt: skip
-        """Tokenize, queue and score one request's sequences, all within one request timeout.
-
-        ``compared``: sizes of the consecutive groups whose rewards the answer compares (``--recheck``).
-        """
-        model = ready_model()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + state.limits.request_timeout
-        seqs = await encode_all(request, model, make_groups, count, options, deadline)
-        normalize = options.normalize or model.normalize
-        job = Job(
-            seqs, options.reference_free, token_rewards, loop, loop.create_future(), compared, normalize == "mean"
-        )
-        try:
-            state.batcher.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, str(e), "rate_limit_error", {"Retry-After": str(retry_after())}) from None
-        except TooLarge as e:
-            raise ApiError(413, str(e), "request_too_large") from None
-        except ShuttingDown as e:
-            raise ApiError(503, str(e), "unavailable", {"Retry-After": "5"}) from None
-        state.metrics.truncations.inc(sum(seq.truncated for seq in seqs))  # admitted: counted once
-        try:
-            results = await wait(request, job.future, deadline, lambda: state.batcher.cancel(job))
-        except ShuttingDown as e:  # queued when the device failed
-            raise ApiError(503, str(e), "unavailable") from None
-        if normalize == "mean":
-            for r in results:
-                r.reward = r.reward / max(r.response_tokens, 1)
-        return model, results
-
-    def usage(results: list[RewardResult], shared_prompt: bool = False) -> s.Usage:
-        """Tokens scored; ``cached_tokens``: those of sequences whose reference log-probs came from the cache."""
-        # Prompts cut to different lengths (truncate=true) are different prompts: each counts.
-        shared_prompt = shared_prompt and len({r.prompt_tokens for r in results}) == 1
-        prompt = results[0].prompt_tokens if shared_prompt else sum(r.prompt_tokens for r in results)
-        total = prompt + sum(r.response_tokens for r in results)
-        cached = sum(r.prompt_tokens + r.response_tokens for r in results if r.cached_ref)
-        if shared_prompt and cached:  # the shared prompt counts once, as in the total
-            cached -= (sum(r.cached_ref for r in results) - 1) * results[0].prompt_tokens
-        return s.Usage(prompt_tokens=prompt, total_tokens=total, cached_tokens=cached)
+    app.add_middleware(Admission, state=state, protected_routes=PROTECTED_ROUTES, authorize=authorize,
+                       error=error_response, endpoints=endpoints)  # fmt: skip
 
     @app.post("/v1/rewards", response_model=s.RewardsResponse)
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
@@ -314,7 +122,7 @@ def create_app(state: State, loader=None) -> FastAPI:
                     groups.append((conversation, [it.response]))
             return groups
 
-        model, results = await score(request, make_groups, len(items), body, body.return_token_rewards)
+        model, results = await state.score(request, make_groups, len(items), body, body.return_token_rewards)
         data = [
             s.RewardData(
                 index=i,
@@ -336,17 +144,17 @@ def create_app(state: State, loader=None) -> FastAPI:
         def make_groups() -> list[Group]:
             return [(p.conversation(), [p.response_a, p.response_b]) for p in pairs]
 
-        model, results = await score(request, make_groups, 2 * len(pairs), body, compared=(2,) * len(pairs))
+        model, results = await state.score(request, make_groups, 2 * len(pairs), body, compared=(2,) * len(pairs))
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
-            data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=_sigmoid(a - b),
+            data.append(s.PreferenceData(index=i, reward_a=a, reward_b=b, margin=a - b, prob_a_over_b=sigmoid(a - b),
                                          rechecked=results[2 * i].rechecked))  # fmt: skip
         return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
 
     async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions):
-        model, results = await score(request, lambda: [(conversation(), texts)], len(texts), options,
-                                     compared=(len(texts),))  # fmt: skip
+        groups = lambda: [(conversation(), texts)]  # noqa: E731
+        model, results = await state.score(request, groups, len(texts), options, compared=(len(texts),))
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
@@ -375,7 +183,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         return [
             s.TEIRank(
                 index=i,
-                score=results[i].reward if body.raw_scores else _sigmoid(results[i].reward),
+                score=results[i].reward if body.raw_scores else sigmoid(results[i].reward),
                 text=body.texts[i] if body.return_text else None,
             )
             for i in order
@@ -388,7 +196,7 @@ def create_app(state: State, loader=None) -> FastAPI:
     @app.get("/health")
     async def health():
         if (why := failure()) is not None:  # liveness fails: an orchestrator restarts the process
-            return _error(503, f"unhealthy: {why}", "unavailable")
+            return error_response(503, f"unhealthy: {why}", "unavailable")
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -396,7 +204,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         if state.draining or state.model is None or failure() is not None:
             why = "draining" if state.draining else ("failed: " + state.load_error if state.load_error else "loading")
             why = f"failed: {failure()}" if failure() is not None else why
-            return _error(503, f"not ready ({why})", "unavailable", {"Retry-After": "5"})
+            return error_response(503, f"not ready ({why})", "unavailable", {"Retry-After": "5"})
         return {"status": "ready"}
 
     @app.get("/info")
@@ -427,7 +235,7 @@ def create_app(state: State, loader=None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        name = ready_model().name
+        name = state.ready_model().name
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dporm"}]}
 
     @app.get("/metrics")
@@ -441,7 +249,3 @@ def create_app(state: State, loader=None) -> FastAPI:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))

@@ -143,7 +143,7 @@ def test_tokenizer_mismatch_is_one_line(models, tmp_path, capsys, name, change, 
 
 def test_bos_settings_matter_only_without_a_chat_template(models):
     """With a chat template the template alone places BOS/EOS; without one, the tokenizer adds them."""
-    from dpo.scorer import check_tokenizers_match
+    from dpo.pair_checks import check_tokenizers_match
 
     load = lambda: models["tokenizer"].__class__.from_pretrained(models["reference"])  # noqa: E731
     plain, bos = load(), load()
