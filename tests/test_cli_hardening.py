@@ -98,7 +98,24 @@ def test_logprobs_skips_records_it_cannot_encode_and_names_them(artifact, tmp_pa
     assert main([*args, "--output", str(out)]) == 0
     err = capsys.readouterr().err
     assert "skipped 2 record(s) that cannot be encoded: index 0 (" in err and "; index 1 (" in err  # as output
-    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [2]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["index"] == 2
+    # The values are the definition's: the float64 log-softmax of one unpadded forward, over the response tokens.
+    from transformers import AutoModelForCausalLM
+
+    from dpo.encoding import encode
+    from dpo.models import load_tokenizer
+
+    try:
+        from tests.test_logprobs import reference_logps
+    except ModuleNotFoundError:  # a site-packages "tests" package shadows this directory
+        from test_logprobs import reference_logps
+    seq = encode(load_tokenizer(str(artifact / "policy")), "Hi.", "Hello.", 24)
+    want = reference_logps(AutoModelForCausalLM.from_pretrained(artifact / "policy").eval(), seq)
+    assert row["truncated"] is seq.truncated is True  # the system prompt does not fit in 24 tokens: cut from the left
+    assert row["tokens"] == len(seq.response_ids) == len(want) > 1
+    assert row["logp"] == pytest.approx(float(want.sum()), abs=1e-4)
+    assert row["mean"] == pytest.approx(float(want.sum()) / len(want), abs=1e-5)
 
 
 @pytest.mark.parametrize(("argv", "message"), [([], "required: COMMAND"), (["train", "--loss", "bogus"], "--loss")])

@@ -401,7 +401,8 @@ def test_an_artifact_whose_reference_changed_is_refused(models, tmp_path, capsys
     shutil.copy(Path(models["other"]) / "model.safetensors", reference / "model.safetensors")  # retrained in place
     with pytest.raises(DpormError, match="reference's weights are not the ones this artifact was made from"):
         load_reward_model(str(tmp_path / "a"), device="cpu")
-    assert load_reward_model(str(tmp_path / "a"), dtype="bf16", device="cpu")  # bf16 hashes differ anyway: unchecked
+    loaded = load_reward_model(str(tmp_path / "a"), dtype="bf16", device="cpu")  # bf16 hashes differ: unchecked
+    assert loaded.precision == "bfloat16" and loaded.info["reference"] == str(reference)
 
 
 def test_auto_rank_says_where_break_even_keeps_it_from_the_energy(models, tmp_path, capsys):

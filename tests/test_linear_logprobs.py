@@ -78,12 +78,30 @@ def test_three_d_input_and_frozen_weight(kernel_backend):
     assert h.grad.shape == h.shape and w.grad is None
 
 
-def test_chunking_does_not_change_results(monkeypatch):
-    monkeypatch.setenv("DPORM_KERNEL", "torch")
-    h, w, b, t = make(9, 8, 50, torch.float32)
-    whole = linear_token_logprobs(h, w, t)
-    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 50)  # one token per chunk
-    torch.testing.assert_close(linear_token_logprobs(h, w, t), whole, atol=1e-6, rtol=0)
+def test_chunking_does_not_change_results(kernel_backend, monkeypatch):
+    """Token chunks (backward; forward off the CPU) and the CPU forward's row and vocabulary tiles, all with ragged
+    ends, give the values and gradients of one whole pass."""
+    h, w, b, t = make(9, 8, 50, torch.float32, bias=True)
+    g = torch.randn(9)
+
+    def run() -> list[torch.Tensor]:
+        params = [p.detach().clone().requires_grad_() for p in (h, w, b)]
+        out = linear_token_logprobs(params[0], params[1], t, bias=params[2])
+        (out * g).sum().backward()
+        return [out.detach()] + [p.grad for p in params]
+
+    whole = run()
+    monkeypatch.setattr(linear_module, "CHUNK_ELEMENTS", 100)  # two tokens per chunk: 5 chunks, the last of one
+    monkeypatch.setattr(linear_module, "CPU_ROWS", 4)  # row tiles of 4, 4, 1
+    monkeypatch.setattr(linear_module, "VOCAB_BLOCK", 16)  # vocabulary tiles of 16, 16, 16, 2
+    chunked = run()
+    for got, want in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    ref_params = [p.detach().double().requires_grad_() for p in (h, w, b)]
+    ref = reference(ref_params[0], ref_params[1], t, ref_params[2])
+    (ref * g.double()).sum().backward()
+    for got, want in zip(chunked, [ref.detach()] + [p.grad for p in ref_params], strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_shape_errors():

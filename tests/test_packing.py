@@ -75,16 +75,21 @@ def test_concurrent_threads_on_one_model_get_their_own_results():
     with torch.no_grad():
         alone = [sequence_logprobs(model, [s]).logp for s in SEQS]
     results: dict[int, list] = {}
+    errors: list[BaseException] = []
 
     def work(k: int) -> None:
-        with torch.no_grad():
-            results[k] = [sequence_logprobs(model, SEQS[i : i + 2]).logp for i in range(k % 2, len(SEQS), 2)]
+        try:
+            with torch.no_grad():
+                results[k] = [sequence_logprobs(model, SEQS[i : i + 2]).logp for i in range(k % 2, len(SEQS), 2)]
+        except BaseException as e:  # a thread's exception would only be a warning: the test must fail on it
+            errors.append(e)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors and sorted(results) == [0, 1, 2, 3]
     for k, outs in results.items():
         for i, out in zip(range(k % 2, len(SEQS), 2), outs, strict=True):
             torch.testing.assert_close(out, torch.cat(alone[i : i + 2]), atol=1e-6, rtol=0)

@@ -65,6 +65,10 @@ def test_both_models_match_fp32(pair):
     # bf16 matmuls: each model's log-probs are bf16-accurate, their difference much better (next test).
     torch.testing.assert_close(got_reference.token_logps, want_reference.token_logps, atol=0.05, rtol=0)
     torch.testing.assert_close(got_policy.token_logps, want_policy.token_logps, atol=0.05, rtol=0)
+    # The policy is its own model, not the reference again: the per-token gap is kept (max ~0.022, error ~2e-3).
+    want_gap = want_policy.token_logps - want_reference.token_logps
+    assert want_gap.abs().max() > 3 * 5e-3
+    torch.testing.assert_close(got_policy.token_logps - got_reference.token_logps, want_gap, atol=5e-3, rtol=0)
     assert torch.equal(got_policy.tokens, want_policy.tokens)
     assert got_policy.logp.dtype == torch.float32
 
@@ -169,7 +173,9 @@ def test_qwen2_biases_and_untied_heads():
     policy = _fine_tuned(reference, seed=2)
     seqs = _seqs()
     a, b = PairedModel(policy, reference).logprobs(seqs)
-    torch.testing.assert_close(a.logp - b.logp, _log_ratios(policy, reference, seqs), atol=0.02, rtol=0)
+    want = _log_ratios(policy, reference, seqs)
+    assert want.abs().max() > 10 * 2e-3  # the tolerance cannot pass a policy scored as the reference
+    torch.testing.assert_close(a.logp - b.logp, want, atol=2e-3, rtol=0)
 
 
 def test_scorer_rewards_and_precision(pair, smollm_tokenizer):
@@ -180,8 +186,9 @@ def test_scorer_rewards_and_precision(pair, smollm_tokenizer):
     assert model.precision == "bf16-paired" and model.ref_cache.capacity == 0
     model.warm_up()  # compiles the fused steps (a server does this before /ready)
     got = model.score_encoded(seqs, normalize="mean", token_rewards=True)
+    assert max(abs(w.reward) / len(s.response_ids) for w, s in zip(exact, seqs, strict=True)) > 10 * 1e-4
     for g, w, s in zip(got, exact, seqs, strict=True):
-        assert g.reward == pytest.approx(w.reward / len(s.response_ids), abs=0.01)
+        assert g.reward == pytest.approx(w.reward / len(s.response_ids), abs=1e-4)
         assert g.logp_ref is not None and not g.cached_ref and len(g.token_rewards) == len(s.response_ids)
     free = model.score_encoded(seqs, reference_free=True)
     assert all(f.logp_ref is None and f.reward == pytest.approx(0.5 * f.logp_policy) for f in free)
@@ -240,7 +247,8 @@ def test_adapter_artifact_runs_paired_as_base_plus_merged_copy(smollm_tokenizer,
     assert type(paired.policy).__name__ == "LlamaForCausalLM"  # merged: no LoRA layers left
     prompts, responses = ["Tell me one fact about the moon."] * 3, ["It orbits the Earth.", "No.", "Rock and dust."]
     want, got = exact.score(prompts, responses), paired.score(prompts, responses)
-    assert [g.reward for g in got] == pytest.approx([w.reward for w in want], abs=0.01)
+    assert max(abs(w.reward) for w in want) > 10 * 5e-4
+    assert [g.reward for g in got] == pytest.approx([w.reward for w in want], abs=5e-4)
 
 
 def test_paired_head_shares_the_rounding_of_the_logits():

@@ -139,6 +139,26 @@ def test_reference_cache_entries_own_their_storage():
         assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
 
 
+def test_reference_cache_evicts_the_least_recently_used():
+    from dpo.scorer import ReferenceCache
+
+    a, b, c, d = (Encoded((1,), (i,)) for i in range(4))
+    cache = ReferenceCache(2)
+    cache.put(a, torch.tensor([1.0]))
+    cache.put(b, torch.tensor([2.0]))
+    assert cache.get(a).item() == 1.0  # a is now the most recently used
+    cache.put(c, torch.tensor([3.0]))  # evicts b
+    assert cache.get(b) is None
+    assert cache.get(a).item() == 1.0 and cache.get(c).item() == 3.0
+    assert len(cache._items) == 2 and (cache.hits, cache.misses) == (3, 1)
+    cache.put(a, torch.tensor([4.0]))  # replaced in place, and most recent: d evicts c
+    cache.put(d, torch.tensor([5.0]))
+    assert cache.get(c) is None and cache.get(a).item() == 4.0 and cache.get(d).item() == 5.0
+    off = ReferenceCache(0)
+    off.put(a, torch.tensor([1.0]))
+    assert off.get(a) is None and len(off._items) == 0
+
+
 class _OnDevice:
     """A per-token row left on an accelerator: nothing but ``.cpu()`` works on it (device-agnostic stand-in)."""
 
