@@ -6,6 +6,42 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+# Request bodies shown, ready to send, by /docs ("Try it out"); a test posts each one.
+_REWARDS_EXAMPLE = {
+    "items": [
+        {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+        {
+            "messages": [
+                {"role": "user", "content": "Name a prime number."},
+                {"role": "assistant", "content": "7."},
+                {"role": "user", "content": "A larger one?"},
+            ],
+            "response": "101 is prime.",
+        },
+    ],
+    "normalize": "sum",
+}
+_PREFERENCE_EXAMPLE = {
+    "pairs": [
+        {
+            "prompt": "What is the capital of France?",
+            "response_a": "The capital of France is Paris.",
+            "response_b": "The capital of France is Berlin.",
+        }
+    ]
+}
+_RERANK_EXAMPLE = {
+    "query": "Give me a tip for better sleep.",
+    "documents": ["Keep a regular bedtime, even on weekends.", "Drink coffee late at night.", "Sleep is overrated."],
+    "top_n": 2,
+    "return_documents": True,
+}
+_TEI_EXAMPLE = {
+    "query": "Give me a tip for better sleep.",
+    "texts": ["Keep a regular bedtime, even on weekends.", "Drink coffee late at night."],
+    "raw_scores": True,
+}
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,7 +84,7 @@ class RewardItem(_Prompted):
 
 
 class RewardsRequest(ScoringOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_REWARDS_EXAMPLE]})
     items: list[RewardItem] = Field(min_length=1)
     return_token_rewards: StrictBool = False
 
@@ -81,7 +117,7 @@ class PreferencePair(_Prompted):
 
 
 class PreferenceRequest(ScoringOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_PREFERENCE_EXAMPLE]})
     pairs: list[PreferencePair] = Field(min_length=1)
 
 
@@ -112,7 +148,7 @@ class RerankRequest(ScoringOptions):
     ``max_chunks_per_doc`` (a document is scored whole) and ``rank_fields`` (documents are text).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_RERANK_EXAMPLE]})
     query: str | None = None
     messages: list[Message] | None = None
     documents: list[str | Document] = Field(min_length=1)
@@ -154,7 +190,7 @@ class TEIRerankRequest(BaseModel):
     """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI.
     ``truncation_direction`` is accepted and ignored: with ``truncate``, the prompt is always cut from the left."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_TEI_EXAMPLE]})
     query: str
     texts: list[str] = Field(min_length=1)
     raw_scores: StrictBool = False

@@ -304,3 +304,16 @@ def test_consecutive_rewards_items_with_one_prompt_share_its_cut(reward_model):
     want = reward_model.score_encoded(list(reward_model.encode_responses(prompt, responses)))
     assert [d["reward"] for d in got] == pytest.approx([r.reward for r in want], abs=1e-5)
     assert all(d["truncated"] for d in got)
+
+
+def test_openapi_request_examples_are_accepted_as_sent(reward_model):
+    """/docs pre-fills each route's body from its schema's example: every example must score as it stands."""
+    with make_client(reward_model) as client:
+        spec = client.get("/openapi.json").json()
+        for path in ("/v1/rewards", "/v1/preference", "/v1/rerank", "/rerank"):
+            ref = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+            (example,) = schema["examples"]
+            answer = client.post(path, json=example)
+            assert answer.status_code == 200, (path, answer.json())
+        assert len(answer.json()) == 2 and {r["index"] for r in answer.json()} == {0, 1}  # TEI: one rank per text
