@@ -168,10 +168,15 @@ class State:
             self.tokenize_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds
         return seqs
 
-    async def score(self,
-        request: Request, make_groups: Callable[[], list[Group]], count: int, options: s.ScoringOptions,
-        token_rewards: bool = False, compared: tuple[int, ...] = (),
-    ) -> tuple[RewardModel, list[RewardResult]]:  # fmt: skip
+    async def score(
+        self,
+        request: Request,
+        make_groups: Callable[[], list[Group]],
+        count: int,
+        options: s.ScoringOptions,
+        token_rewards: bool = False,
+        compared: tuple[int, ...] = (),
+    ) -> tuple[RewardModel, list[RewardResult]]:
         """Tokenize, queue and score one request's sequences, all within one request timeout.
 
         ``compared``: sizes of the consecutive groups whose rewards the answer compares (``--recheck``).
