@@ -197,6 +197,20 @@ def test_pairs_accuracy_ci_and_calibration(tmp_path, monkeypatch):
     assert 0 <= res["calibration"]["ece"] <= 1 and (tmp_path / "reliability.png").exists()
 
 
+# Wilson's 95% interval is the pair of roots π of (p − π)² = z²·π(1 − π)/n, i.e. of
+# (1 + z²/n)·π² − (2p + z²/n)·π + p² = 0, with z = 1.959964, z² = 3.841459:
+#   8/10:  1.3841459·π² − 1.9841459·π + 0.64 = 0 → π = (1.9841459 ∓ 0.6272332)/2.7682918 = 0.490162, 0.943318
+#   0/10:  π·(1.3841459·π − 0.3841459) = 0 → 0 and z²/(n + z²) = 3.841459/13.841459 = 0.277533
+#   10/10: (1.3841459·π − 1)(π − 1) = 0 → n/(n + z²) = 10/13.841459 = 0.722467 and 1
+#   n = 0: no data, the whole of [0, 1]
+@pytest.mark.parametrize(
+    ("successes", "n", "expected"),
+    [(8, 10, (0.490162, 0.943318)), (0, 10, (0.0, 0.277533)), (10, 10, (0.722467, 1.0)), (3, 0, (0.0, 1.0))],
+)
+def test_wilson_interval_by_hand(successes, n, expected):
+    assert wilson_interval(successes, n) == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -240,7 +254,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 0 and "--output" in capsys.readouterr().out or argv == ["eval", "--help"]
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    if argv == ["eval", "--help"]:  # the subcommands, each with its line
+        assert all(any(line.strip().startswith(name) for line in out.splitlines())
+                   for name in ("rewardbench", "rewardbench2", "pairs")), out  # fmt: skip
+    else:
+        assert out.startswith(f"usage: dporm eval {argv[1]}") and "--output" in out and "--data" in out, out
 
 
 def test_pairs_from_rankings_use_every_ordered_pair(tmp_path, monkeypatch):

@@ -32,11 +32,14 @@ def test_cdpo_label_smoothing_by_hand():
 
 
 def test_ipo_forms_by_hand():
+    # ipo_sum (Azar et al. 2023, eq. 17, β as τ): (Δ − 1/(2β))². Δ = 5, β = 0.25: (5 − 2)² = 9, where the
+    # plausible slips differ: (βΔ − ½)² = 0.5625, (Δ − 1/β)² = 1, (βΔ − 1/(2β))² = 0.5625, (Δ + 1/(2β))² = 49,
+    # (Δ − 2β)² = 20.25, (Δ − β/2)² = 23.77.
+    wide = [torch.tensor([v], dtype=F64) for v in (-2.0, -7.0, -5.0, -5.0)]  # ρ_w = 3, ρ_l = -2
+    assert pairwise_loss("ipo_sum", *wide, beta=0.25).losses.item() == pytest.approx(9.0, abs=1e-12)
     args = [torch.tensor([v], dtype=F64) for v in (-4.0, -6.0, -5.0, -5.0)]  # ρ_w = 1, ρ_l = -1
     tokens = dict(chosen_tokens=torch.tensor([2]), rejected_tokens=torch.tensor([4]))
-    summed = pairwise_loss("ipo_sum", *args, beta=0.25).losses.item()
     per_token = pairwise_loss("ipo", *args, beta=0.25, **tokens).losses.item()
-    assert summed == pytest.approx((2 - 2) ** 2)
     assert per_token == pytest.approx((0.5 + 0.25 - 2) ** 2)
     normed = pairwise_loss("sigmoid_norm", *args, beta=0.25, **tokens).losses.item()
     assert normed == pytest.approx(-math.log(sig(0.25 * 0.75)))
