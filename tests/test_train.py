@@ -19,7 +19,7 @@ from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
 from dpo.preference_data import load_preferences
 from dpo.train_log import read_metrics
-from tests.conftest import make_tiny_llama
+from tests.conftest import free_port, make_tiny_llama
 
 DATA = Path(__file__).parent / "data"
 PREFS, RANKINGS = str(DATA / "prefs.jsonl"), str(DATA / "rankings.jsonl")
@@ -59,6 +59,12 @@ def train(tiny_model_dir, output, *extra, data=PREFS):
     ]
     assert main(args) == 0
     return Manifest.load(output)
+
+
+def current_umask() -> int:
+    """The process umask, from the kernel's view (setting it to read it would race with other threads)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
 
 
 def trained_state(output) -> dict[str, torch.Tensor]:
@@ -141,6 +147,9 @@ def test_reference_free_run_saves_a_merged_policy(tiny_model_dir, tmp_path):
     manifest = train(tiny_model_dir, tmp_path / "run", "--max-steps", 1, "--reference-free")
     assert manifest.reference is None and not manifest.adapter
     assert (tmp_path / "run" / "policy" / "model.safetensors").exists()
+    # Every saved file gets the umask's mode (save_pretrained's temporary-file weights came out 0600).
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "run" / "policy").iterdir()}
+    assert set(modes.values()) == {0o666 & ~current_umask()}, modes
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"], rel=1e-6)
 
@@ -172,6 +181,73 @@ def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path):
     assert first["pairs"] == 6  # 2 rankings of 3 responses: 3 pairs each, 3 sequences each
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)  # log 3! at init
     assert manifest.loss == "plackett_luce"
+
+
+# --lr 1e-3 --warmup-ratio 0.25 --max-steps 4: transformers' get_scheduler with ceil(0.25·4) = 1 warmup step of
+# 4, and a logged train row holds the lr its step used (get_last_lr before scheduler.step): 1e-3·f(s) at step
+# index s = 0..3 (logged as steps 1..4). Warmup, s < 1: f(s) = s/1, so f(0) = 0 whatever the schedule. Then
+#   linear:   f(s) = (4 − s)/(4 − 1)             → 3/3, 2/3, 1/3
+#   cosine:   f(s) = ½(1 + cos(π·(s − 1)/(4 − 1))) → ½(1 + cos 0) = 1, ½(1 + cos π/3) = ¾, ½(1 + cos 2π/3) = ¼
+#   constant: f(s) = 1 (constant_with_warmup)
+LR_BY_SCHEDULE = {
+    "linear": [0.0, 1e-3, 2e-3 / 3, 1e-3 / 3],
+    "cosine": [0.0, 1e-3, 7.5e-4, 2.5e-4],
+    "constant": [0.0, 1e-3, 1e-3, 1e-3],
+}
+
+
+@pytest.mark.parametrize("schedule", list(LR_BY_SCHEDULE))
+def test_learning_rate_follows_warmup_then_the_schedule(tiny_model_dir, tmp_path, schedule):
+    train(tiny_model_dir, tmp_path / "run", "--lr", "1e-3", "--warmup-ratio", "0.25", "--max-steps", 4,
+          "--schedule", schedule, "--eval-size", 0)  # fmt: skip
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx(LR_BY_SCHEDULE[schedule], rel=1e-9, abs=1e-15)
+
+
+def optimizer_steps(record):
+    """Calls ``record(optimizer)`` before every torch optimizer step of the block (AdamW under accelerate's wrapper)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    return register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: record(optimizer))
+
+
+def global_grad_norm(optimizer) -> float:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+@pytest.mark.parametrize("max_norm", [1e-4, 0.0])
+def test_gradients_are_clipped_to_max_grad_norm_and_0_turns_clipping_off(tiny_model_dir, tmp_path, max_norm):
+    """The optimizer steps on gradients of norm ≤ --max-grad-norm; the logged grad_norm is the norm before clipping."""
+    seen = []
+    handle = optimizer_steps(lambda optimizer: seen.append(global_grad_norm(optimizer)))
+    try:
+        train(tiny_model_dir, tmp_path / "run", "--max-steps", 2, "--max-grad-norm", max_norm)
+    finally:
+        handle.remove()
+    logged = [r["grad_norm"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(seen) == len(logged) == 2
+    if max_norm:
+        assert all(before > 100 * max_norm for before in logged)  # clipping had work to do ...
+        # ... and scaled by max/(norm + 1e-6) (torch's clip_grad_norm_): max, to within 1e-6/norm.
+        assert all(max_norm * (1 - 1e-3) <= after <= max_norm * (1 + 1e-5) for after in seen), seen
+    else:
+        assert seen == pytest.approx(logged, rel=1e-5) and min(seen) > 0  # off: the gradients as computed
+
+
+def test_weight_decay_applies_to_matrices_and_not_to_1d_parameters(tiny_model_dir, tmp_path):
+    groups = []
+    handle = optimizer_steps(lambda optimizer: groups.append(
+        [(g["weight_decay"], sorted({p.ndim for p in g["params"]}), len(g["params"])) for g in optimizer.param_groups]
+    ))  # fmt: skip
+    try:
+        train(tiny_model_dir, tmp_path / "run", "--finetune", "full", "--max-steps", 1, "--weight-decay", 0.125)
+    finally:
+        handle.remove()
+    # The tiny Llama (2 layers, untied head): embeddings, 7 projections a layer and the head are matrices (16);
+    # 2 RMSNorm weights a layer and the final norm are vectors (5).
+    assert groups == [[(0.125, [2], 16), (0.0, [1], 5)]]
 
 
 def test_config_file_values_are_overridden_by_flags(tiny_model_dir, tmp_path):
@@ -225,7 +301,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_
               "--max-steps", "3", "--warmup-ratio", "0"]  # fmt: skip
     assert main(["train", *common, "--output", str(single), "--batch-size", "4"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
               "-m", "dpo.cli", "train", *common, "--output", str(double), "--batch-size", "2"]  # fmt: skip
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
