@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from mfu import gemm_peak, matmul_flops  # bench/ is on sys.path
 
 from dpo.allocator import keep_freed_memory
 from dpo.data import read_records
@@ -30,19 +31,6 @@ from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model, load_tokenizer, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def gemm_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` GFLOP/s of an n x n x n matmul (the machine's practical ceiling)."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    times = []
-    for _ in range(reps + 1):
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times[1:]) / 1e9
 
 
 def naive_logprobs(model, seqs) -> torch.Tensor:
@@ -62,14 +50,12 @@ def naive_logprobs(model, seqs) -> torch.Tensor:
     return (logp * (labels != -100)).sum(-1)
 
 
-def matmul_flops(model, seqs, shared: bool, lm_head_everywhere: bool) -> float:
-    """2 * params * tokens for the transformer body, plus the LM head where it is applied."""
-    vocab, hidden = model.get_output_embeddings().weight.shape
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+def needed_flops(model, seqs, shared: bool, lm_head_everywhere: bool) -> float:
+    """Matmul FLOPs of one model over ``seqs``: each prompt once when ``shared``, the head where it is applied."""
     prompts = {s.prompt_ids for s in seqs} if shared else [s.prompt_ids for s in seqs]
     body_tokens = sum(len(p) for p in prompts) + sum(len(s.response_ids) for s in seqs)
     head_tokens = body_tokens if lm_head_everywhere else sum(len(s.response_ids) for s in seqs)
-    return 2 * body * body_tokens + 2 * vocab * hidden * head_tokens
+    return matmul_flops(model, body_tokens, head_tokens)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -84,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         batches.append(
             [encode(tokenizer, r["prompt"], r[k], args.max_length) for r in batch for k in ("chosen", "rejected")]
         )
-    peak = gemm_peak(dtype, device)
+    peak = gemm_peak(dtype, args.device)
     methods = {
         "naive": (lambda b: naive_logprobs(model, b), False, True),
         "unshared": (lambda b: sequence_logprobs(model, b, share_prompts=False).logp, False, False),
@@ -103,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         logp = torch.cat(outs).float().cpu()
         reference = logp if reference is None else reference
         seconds = statistics.median(times)
-        flops = sum(matmul_flops(model, b, shared, head_everywhere) for b in batches)
+        flops = sum(needed_flops(model, b, shared, head_everywhere) for b in batches)
         tokens = sum(len(s) for b in batches for s in b)
         results[name] = {
             "seconds": seconds,

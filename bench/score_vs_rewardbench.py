@@ -21,11 +21,14 @@ minutes; interleaved, they share them.
 
 Both sides see RewardBench's tokenization (``DPOInference.tokenize_row``), so rewards must agree
 (dporm's reward / β vs RewardBench's log-ratio, within 1e-3 in fp32). The reference-log-prob cache
-is off: every pair costs both models. Model-FLOP utilisation counts the matmul FLOPs each side
-needs (2·params per token per model for the body, 2·V·H per scored token for the LM head; prompts
-shared by chosen and rejected are counted once for dporm, twice for RewardBench, which runs them
-twice) against a GEMM peak measured in the same run; "MFU+attn" also counts attention's score and
-value matmuls (4·layers·heads·head_dim per attended query-key pair, PaLM's convention). Reduced
+is off: every pair costs both models. Model-FLOP utilisation counts, for every side alike, the
+matmul FLOPs the task needs: per pair and model, 2·(linear weights) per fed token (the prompt once,
+each response but its last token) and 2·V·H per scored response token; against a GEMM peak sampled
+during the side's own minutes. "MFU+attn" also counts attention's score and value matmuls,
+4·layers·heads·head_dim per query-key pair the causal mask lets through. Work a side does beyond the
+task is not credited: RewardBench runs each prompt twice, pads chosen and rejected to one length and
+takes full-vocabulary logits at every position (its "executed" FLOPs are reported beside); the
+bf16-paired pass runs 1.5x the task's GEMM FLOPs. Reduced
 precision sides report how often the chosen-vs-rejected decision equals fp32's, also by the size of
 the fp32 margin (a decision can only flip where the margin is within the rounding error). Example:
 
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from mfu import TimedSide, gemm_peak, rewardbench_executed_flops, set_mfu, task_flops  # bench/ is on sys.path
 from tqdm import tqdm
 
 from dpo.allocator import keep_freed_memory
@@ -59,80 +63,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = Path(importlib.util.find_spec("transformers").origin).parents[1]
 
 
-def gemm_peak(dtype: torch.dtype, device: str = "cpu", seconds: float = 3.0) -> float:
-    """Sustained GFLOP/s of back-to-back n×n×n matmuls (n = 2048 on a CPU, 8192 on a GPU), median over ``seconds``.
-
-    A median, not a best-of-few: a shared VM's short bursts run well above what it sustains.
-    """
-    n = 8192 if device != "cpu" else 2048
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    a @ b  # warm-up
-    times: list[float] = []
-    while sum(times) < seconds or len(times) < 5:
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
-
-
-class TimedSide:
-    """One side's timed batches, with the GEMM peak sampled between them (untimed) every ``every`` seconds.
-
-    This VM's GEMM rate drifts by 1.5x within minutes (fp32 189-303, bf16 600-1900 GFLOP/s seen in one
-    run), so a peak read once before a 4-minute side misjudges its MFU either way. Each sample
-    stands for the batches timed since the previous one: MFU = FLOPs / Σ seconds_i · peak_i.
-    """
-
-    def __init__(self, peak: str, device: str, every: float = 5.0):
-        self.peak, self.device, self.every = peak, device, every
-        self.seconds, self.pending, self.peak_seconds, self.samples = 0.0, 0.0, 0.0, []
-
-    def run(self, fn, *args):
-        _sync(self.device)
-        start = time.perf_counter()
-        out = fn(*args)
-        _sync(self.device)
-        elapsed = time.perf_counter() - start
-        self.seconds += elapsed
-        self.pending += elapsed
-        if self.pending >= self.every:
-            self._sample()
-        return out
-
-    def _sample(self) -> None:
-        rate = gemm_peak(PEAK_DTYPES[self.peak], self.device, seconds=0.3)
-        self.samples.append(rate)
-        self.peak_seconds += self.pending * rate
-        self.pending = 0.0
-
-    def finish(self) -> dict:
-        if self.pending:
-            self._sample()
-        return {"seconds": self.seconds, "peak_gflop_s": self.peak_seconds / self.seconds,
-                "peak_samples": [round(x, 1) for x in self.samples]}  # fmt: skip
-
-
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def load_policy(path: str, reference: str, dtype: str, device: str):
     """The policy as plain weights: a PEFT adapter (``dporm train --finetune lora``) merged into its reference."""
     if is_adapter_dir(path):
         return load_merged_adapter(load_model(reference, dtype, device), path)
     return load_model(path, dtype, device)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _set_mfu(entry: dict) -> None:
-    peak = entry["peak_gflop_s"]
-    entry["mfu"] = entry["gflop"] / entry["seconds"] / peak
-    entry["mfu_with_attention"] = (entry["gflop"] + entry["attention_gflop"]) / entry["seconds"] / peak
 
 
 def load_dpo_inference():
@@ -171,20 +106,6 @@ def collate(features: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def matmul_flops(model, prompt_tokens: int, response_tokens: int, head_tokens: int) -> float:
-    vocab, hidden = model.get_output_embeddings().weight.shape
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    return 2 * body * (prompt_tokens + response_tokens) + 2 * vocab * hidden * head_tokens
-
-
-def attention_flops(model, lengths_and_prefixes) -> float:
-    """Score and value matmul FLOPs: for each (sequence length L, cached prefix C), the queries C..L-1."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    pairs = sum((n * (n + 1) - p * (p + 1)) // 2 for n, p in lengths_and_prefixes)
-    return 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
-
-
 @dataclass
 class Side:
     """One scorer of the comparison: ``step(start, stop)`` scores ``pairs[start:stop]`` (untimed here)."""
@@ -192,10 +113,11 @@ class Side:
     name: str
     peak: str  # the GEMM peak it is judged against: "fp32" or "bf16"
     step: Callable[[int, int], list[tuple[float, float, bool]]]  # (reward chosen, reward rejected, rechecked)
-    flops: tuple[float, float]  # (matmul, attention) FLOPs of all pairs
+    flops: tuple[float, float]  # (matmul, attention) FLOPs the task needs, all pairs (task_flops)
     scale: float = 1.0  # reward / scale = log-ratio
     baseline: str | None = None  # the side whose rewards its decisions are compared with
     rewards: list = field(default_factory=list)
+    executed: float | None = None  # matmul FLOPs actually run, where they differ from the task's
 
 
 def rewardbench_step(dpo, features: list[dict], batch_size: int, pad_id: int):
@@ -248,28 +170,6 @@ def compat_pairs(feature: dict) -> tuple[Encoded, Encoded]:
         n_prompt = sum(x == -100 for x in labels)
         out.append(Encoded(tuple(ids[:n_prompt]), tuple(ids[n_prompt:])))
     return out[0], out[1]
-
-
-def dporm_flops(model, pairs) -> tuple[float, float]:
-    """(matmul FLOPs, attention FLOPs) of both models; a pair's second response reuses the prompt's cache."""
-    prompts = {s.prompt_ids for pair in pairs for s in pair}
-    prompt_tokens = sum(len(p) for p in prompts)
-    response_tokens = sum(len(s.response_ids) for pair in pairs for s in pair)
-    spans = []
-    for a, b in pairs:
-        shared = a.prompt_ids == b.prompt_ids
-        spans += [(len(a.input_ids) - 1, 0), (len(b.input_ids) - 1, len(b.prompt_ids) if shared else 0)]
-    return 2 * matmul_flops(model, prompt_tokens, response_tokens, response_tokens), 2 * attention_flops(model, spans)
-
-
-def rewardbench_flops(model, features) -> tuple[float, float]:
-    total, spans = 0.0, []
-    for f in features:
-        for side in ("chosen", "rejected"):
-            n = len(f[f"{side}_input_ids"])
-            total += matmul_flops(model, 0, n, n)  # full logits at every position
-            spans.append((n, 0))
-    return 2 * total, 2 * attention_flops(model, spans)
 
 
 def agreement_by_margin(rewards, baseline) -> dict[str, float]:
@@ -325,12 +225,16 @@ def main() -> None:
     report: dict = {"pairs": len(rows), "threads": torch.get_num_threads(), "cpu": platform.processor(), "device":
                     torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "sides": {}}  # fmt: skip
 
-    def record(name: str, timing: dict, flops: tuple[float, float], peak: str, rewards, baseline=None) -> None:
+    def record(name: str, timing: dict, flops: tuple[float, float], peak: str, rewards, baseline=None,
+               executed: float | None = None) -> None:  # fmt: skip
         matmul, attention = flops
         seconds = timing["seconds"]
         entry = {**timing, "pairs_per_s": len(rows) / seconds, "gflop": matmul / 1e9,
                  "attention_gflop": attention / 1e9, "peak": peak, "rewards": rewards}  # fmt: skip
-        _set_mfu(entry)
+        set_mfu(entry)
+        if executed is not None:
+            entry["executed_gflop"] = executed / 1e9
+            entry["executed_utilisation"] = executed / 1e9 / seconds / entry["peak_gflop_s"]
         if baseline is not None:
             diffs = sorted(
                 abs(a - b) for x, y in zip(rewards, baseline, strict=True) for a, b in ((x[0], y[0]), (x[1], y[1]))
@@ -347,8 +251,9 @@ def main() -> None:
             if baseline
             else ""
         )
+        ran = f", executed {entry['executed_utilisation']:.1%}" if executed is not None else ""
         print(f"{name:<22} {seconds:8.1f} s  {entry['pairs_per_s']:6.3f} pairs/s  MFU {entry['mfu']:6.1%} "
-              f"(+attn {entry['mfu_with_attention']:6.1%} of {entry['peak_gflop_s']:.0f}){extra}")  # fmt: skip
+              f"(+attn {entry['mfu_with_attention']:6.1%} of {entry['peak_gflop_s']:.0f}{ran}){extra}")  # fmt: skip
         if baseline:
             print("    same decision where |fp32 margin| >", json.dumps(entry["decisions_equal_by_margin"]))
 
@@ -356,15 +261,16 @@ def main() -> None:
     rb_sizes = [int(x) for x in args.rb_batch_sizes.split(",")] if "rewardbench" not in skip else []
     for bs in rb_sizes:
         sides.append(Side(f"rewardbench bs={bs}", "fp32", rewardbench_step(dpo, features, bs, rb_tok.pad_token_id),
-                          rewardbench_flops(fp32["policy"], features)))  # fmt: skip
+                          task_flops(fp32["policy"], pairs),
+                          executed=rewardbench_executed_flops(fp32["policy"], features, bs)))  # fmt: skip
     rb = "rewardbench bs=*" if rb_sizes else None  # the fastest of them, once timed
     scorer = RewardModel(fp32["policy"], fp32["reference"], tokenizer, args.beta, ref_cache_size=0)
     sides.append(Side("dporm fp32", "fp32", dporm_step(scorer, pairs, args.batch_pairs),
-                      dporm_flops(fp32["policy"], pairs), args.beta, rb))  # fmt: skip
+                      task_flops(fp32["policy"], pairs), args.beta, rb))  # fmt: skip
     if "own" not in skip:
         own = [tuple(scorer.encode(r["prompt"], r[k]) for k in ("chosen", "rejected")) for r in rows]
         sides.append(Side("dporm fp32 own-encoding", "fp32", dporm_step(scorer, own, args.batch_pairs),
-                          dporm_flops(fp32["policy"], own), args.beta))  # fmt: skip
+                          task_flops(fp32["policy"], own), args.beta))  # fmt: skip
     for side, dtype in (("bf16", "bf16"), ("mixed", "bf16-mixed"), ("paired", "bf16-paired")):
         if side in skip:
             continue
@@ -376,7 +282,7 @@ def main() -> None:
         else:
             pair_models = load_policy(args.policy, reference, dtype, device), load_model(reference, dtype, device)
             low = RewardModel(*pair_models, tokenizer, args.beta, ref_cache_size=0)
-        flops = dporm_flops(low.policy, pairs)
+        flops = task_flops(low.policy, pairs)
         sides.append(Side(f"dporm {dtype}", "bf16", dporm_step(low, pairs, args.batch_pairs), flops, args.beta,
                           "dporm fp32"))  # fmt: skip
         if dtype == "bf16-paired" and "recheck" not in skip:  # the same model; close pairs rescored in float32
@@ -387,7 +293,7 @@ def main() -> None:
         # One bf16 base serves π (adapter on) and π_ref (adapter off): both see the same rounded weights.
         delta = load_reward_model(args.delta_artifact, dtype="bf16", device=device, ref_cache_size=0)
         sides.append(Side("dporm bf16 delta artifact", "bf16", dporm_step(delta, pairs, args.batch_pairs),
-                          dporm_flops(delta.policy, pairs), delta.beta, "dporm fp32"))  # fmt: skip
+                          task_flops(delta.policy, pairs), delta.beta, "dporm fp32"))  # fmt: skip
 
     chunk = max([args.batch_pairs, *rb_sizes])
     print(f"{len(sides)} sides, interleaved {chunk} pairs at a time")
@@ -401,7 +307,7 @@ def main() -> None:
             print(f"    {side.name}: {rechecked} pair(s) within {args.recheck:g} nats of a tie rescored in float32")
         baseline = rb if side.baseline == "rewardbench bs=*" else side.baseline
         record(side.name, timings[side.name] | {"rechecked": rechecked}, side.flops, side.peak,
-               logratios[side.name], logratios[baseline] if baseline else None)  # fmt: skip
+               logratios[side.name], logratios[baseline] if baseline else None, side.executed)  # fmt: skip
     rb_best = rb
     after = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
     report["gemm_peak_readings"] = {"before": dict(peaks), "after": after}
