@@ -1,13 +1,17 @@
 """The reward server on tiny Llamas: every endpoint, every error code, auth, batching, shutdown."""
 
 import asyncio
+import functools
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -15,7 +19,6 @@ import torch
 from fastapi.testclient import TestClient
 
 from dpo.encoding import encode
-from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
 from dpo.scorer import load_reward_model
 from server.app import Limits, State, create_app
@@ -31,15 +34,37 @@ def client(reward_model):
         yield c
 
 
-def expected_reward(artifact, tokenizer, prompt, response, normalize="sum"):
+@functools.cache
+def artifact_models(artifact: Path) -> tuple:
+    """The artifact's policy and reference, loaded by transformers itself (not through dporm's loader)."""
     from transformers import AutoModelForCausalLM
 
-    seq = encode(tokenizer, prompt, response, 128)
-    with torch.no_grad():
-        pol = sequence_logprobs(AutoModelForCausalLM.from_pretrained(artifact / "policy"), [seq]).logp
-        ref = sequence_logprobs(AutoModelForCausalLM.from_pretrained(artifact / "reference"), [seq]).logp
-    r = 0.5 * float(pol - ref)
-    return r / len(seq.response_ids) if normalize == "mean" else r
+    return tuple(AutoModelForCausalLM.from_pretrained(artifact / name).eval() for name in ("policy", "reference"))
+
+
+LOGPS: dict = {}
+
+
+def expected_logps(artifact, tokenizer, prompt, response) -> tuple[float, float, int]:
+    """Σ log π and Σ log π_ref over the response, and its token count: one plain forward of each model
+    and a log-softmax, none of dporm's log-prob code."""
+    key = (artifact, prompt, response)
+    if key not in LOGPS:
+        seq = encode(tokenizer, prompt, response, 128)
+        ids, start = torch.tensor([seq.input_ids]), len(seq.prompt_ids)
+        sums = []
+        with torch.no_grad():
+            for model in artifact_models(artifact):
+                logits = model(ids).logits[0, start - 1 : -1].double()  # position t predicts token t + 1
+                sums.append(float(torch.log_softmax(logits, -1).gather(-1, ids[0, start:, None]).sum()))
+        LOGPS[key] = (sums[0], sums[1], len(seq.response_ids))
+    return LOGPS[key]
+
+
+def expected_reward(artifact, tokenizer, prompt, response, normalize="sum"):
+    pol, ref, tokens = expected_logps(artifact, tokenizer, prompt, response)
+    r = 0.5 * (pol - ref)  # the artifact's β is 0.5
+    return r / tokens if normalize == "mean" else r
 
 
 def test_rewards_is_the_definition(client, artifact, smollm_tokenizer):
@@ -92,10 +117,17 @@ def test_rerank_sorts_by_reward_and_shares_the_prompt(client):
         "/v1/rerank", json={"messages": [{"role": "user", "content": PROMPT}], "documents": docs, "top_n": 1}
     ).json()
     assert len(top["results"]) == 1 and "document" not in top["results"][0]  # only when asked for
-    tei = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES, "raw_scores": True, "return_text": True})
-    assert [r["index"] for r in tei.json()] == [r["index"] for r in body["results"]]
+    tei = client.post(
+        "/rerank", json={"query": PROMPT, "texts": RESPONSES, "raw_scores": True, "return_text": True}
+    ).json()
+    assert [r["index"] for r in tei] == [r["index"] for r in body["results"]]  # best first, as /v1/rerank
+    assert [r["score"] for r in tei] == pytest.approx([by_index[r["index"]] for r in tei], abs=1e-5)
+    assert [r["text"] for r in tei] == [RESPONSES[r["index"]] for r in tei]
     squashed = client.post("/rerank", json={"query": PROMPT, "texts": RESPONSES}).json()
-    assert all(0 < r["score"] < 1 and "text" not in r for r in squashed)
+    assert [r["index"] for r in squashed] == [r["index"] for r in tei]  # σ is monotone: the same order
+    sigma = [1 / (1 + math.exp(-r["score"])) for r in tei]  # TEI's squashing of the raw reward
+    assert [r["score"] for r in squashed] == pytest.approx(sigma, abs=1e-6)
+    assert all(set(r) == {"index", "score"} for r in squashed)  # text only when asked for
 
 
 def test_probes_info_models_metrics(client, artifact):
@@ -168,26 +200,51 @@ def test_api_key(reward_model):
         assert c.get("/health").status_code == c.get("/ready").status_code == c.get("/metrics").status_code == 200
 
 
-def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model):
+def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model, monkeypatch):
+    gate, calls, real = threading.Event(), [], reward_model.score_encoded
+
+    def forward(seqs, *args, **kwargs):  # each forward waits for the gate: requests queue behind the first
+        calls.append(len(seqs))
+        gate.wait(20)
+        return real(seqs, *args, **kwargs)
+
+    monkeypatch.setattr(reward_model, "score_encoded", forward)
     state = State(Limits(), None)
     state.attach(reward_model)
     app = create_app(state)
     bodies = [{"items": [{"prompt": f"Question {i}?", "response": RESPONSES[i % 3]}]} for i in range(12)]
 
+    async def until(condition, seconds: float = 20.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, "timed out waiting"
+            await asyncio.sleep(0.01)
+
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            together = await asyncio.gather(*(c.post("/v1/rewards", json=b) for b in bodies))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            first = asyncio.create_task(c.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Hi."}]}))
+            await until(lambda: calls == [1])  # the worker holds the first request's forward
+            tasks = [asyncio.create_task(c.post("/v1/rewards", json=b)) for b in bodies]
+            await until(lambda: state.batcher.depth[0] == 12)  # all twelve wait in the queue behind it
+            gate.set()
+            assert (await first).status_code == 200
+            together = await asyncio.gather(*tasks)
             alone = [await c.post("/v1/rewards", json=b) for b in bodies]
         return together, alone
 
     reward_model.ref_cache._items.clear()
-    together, alone = asyncio.run(go())
+    try:
+        together, alone = asyncio.run(go())
+    finally:
+        gate.set()
+        state.batcher.stop()
     for a, b in zip(together, alone, strict=True):
+        assert a.status_code == b.status_code == 200
         assert a.json()["data"][0]["reward"] == pytest.approx(b.json()["data"][0]["reward"], abs=1e-5)
-    batched = state.metrics.batch_sequences.collect()[0].samples
-    count = next(x.value for x in batched if x.name.endswith("_count"))
-    assert count < 24  # 24 requests, fewer forward batches: concurrent ones were merged
-    state.batcher.stop()
+    assert calls == [1, 12] + [1] * 12  # the twelve queued requests went to the model as one forward
+    batched = {x.name: x.value for x in state.metrics.batch_sequences.collect()[0].samples}
+    assert (batched["dporm_batch_sequences_count"], batched["dporm_batch_sequences_sum"]) == (14, 25)
 
 
 def test_sigterm_drains_and_exits_zero(artifact):
@@ -203,7 +260,7 @@ def test_sigterm_drains_and_exits_zero(artifact):
         "--device",
         "cpu",
         "--drain-seconds",
-        "1.5",
+        "600",  # ample: the drain does not end by itself during the test; a second SIGTERM ends it
         "--log-level",
         "warning",
     ]
@@ -221,12 +278,47 @@ def test_sigterm_drains_and_exits_zero(artifact):
         item = {"items": [{"prompt": PROMPT, "response": "x"}]}
         assert httpx.post(url + "/v1/rewards", json=item).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        assert httpx.get(url + "/ready").status_code == 503  # draining: load balancers stop sending
-        assert httpx.post(url + "/v1/rewards", json=item).status_code == 200  # what still arrives is served
-        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/ready").status_code != 503:  # draining: load balancers stop sending
+            assert time.monotonic() < deadline, "/ready never turned 503 after SIGTERM"
+            time.sleep(0.05)
+        # An exit without draining closes the port within a few uvicorn ticks (0.1 s); the drain keeps it open.
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            assert httpx.get(url + "/ready").status_code == 503 and proc.poll() is None
+            time.sleep(0.05)
+        assert httpx.post(url + "/v1/rewards", json=item, timeout=60).status_code == 200  # what arrives is served
+        proc.send_signal(signal.SIGTERM)  # a second signal ends the drain at once
+        assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_the_drain_ends_after_drain_seconds_as_a_clean_exit(monkeypatch):
+    import uvicorn
+
+    import server.serve as serve
+    from server.serve import DrainingServer
+
+    timers = []
+
+    class Timer:  # records the drain timer instead of waiting for it
+        def __init__(self, interval, function, args):
+            self.interval, self.function, self.args, self.daemon = interval, function, args, False
+            timers.append(self)
+
+        def start(self):
+            self.started = True
+
+    monkeypatch.setattr(serve, "threading", SimpleNamespace(Timer=Timer))
+    state = State(Limits(), None)
+    server = DrainingServer(uvicorn.Config(create_app(state)), state, 7.5)
+    server.handle_exit(signal.SIGTERM, None)
+    assert state.draining and not server.should_exit  # /ready is 503, requests are still served
+    assert [(t.interval, t.daemon, t.started) for t in timers] == [(7.5, True, True)]
+    timers[0].function(*timers[0].args)  # drain_seconds later
+    assert server.should_exit and server._captured_signals == []  # SIGTERM is not re-raised: exit code 0
+    assert len(timers) == 1
 
 
 def test_serve_rejects_a_bad_artifact_in_one_line(tmp_path, capsys):
@@ -247,8 +339,6 @@ def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
     )
     out = tmp_path / "scores.jsonl"
     assert main(["score", str(artifact), "--data", str(data), "--output", str(out), "--device", "cpu"]) == 0
-    import json
-
     row = json.loads(out.read_text())
     served = client.post(
         "/v1/preference", json={"pairs": [{"prompt": PROMPT, "response_a": RESPONSES[0], "response_b": RESPONSES[1]}]}
@@ -259,6 +349,51 @@ def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
     assert "accuracy" in captured.out
     assert "skipped 1 record(s) that cannot be encoded (1 too long: --truncate cuts them)" in captured.err
     assert len(out.read_text().splitlines()) == 1
+
+
+PAIRS = [(RESPONSES[0], RESPONSES[1]), (RESPONSES[2], "Yes.")]
+
+
+def score_records(artifact, tmp_path, records, *options) -> list[dict]:
+    """``dporm score`` on ``records`` (JSONL) with ``options``; the output lines."""
+    from dpo.cli import main
+
+    data, out = tmp_path / "records.jsonl", tmp_path / "scores.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    command = ["score", str(artifact), "--data", str(data), "--output", str(out), "--device", "cpu", *options]
+    assert main(command) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_score_reference_free_is_beta_times_the_policy_log_prob(artifact, tmp_path, smollm_tokenizer):
+    records = [{"prompt": PROMPT, "chosen": c, "rejected": r} for c, r in PAIRS]
+    rows = score_records(artifact, tmp_path, records, "--reference-free")
+    assert [row["row"] for row in rows] == [1, 2]
+    for row, (chosen, rejected) in zip(rows, PAIRS, strict=True):
+        for field, response in (("chosen", chosen), ("rejected", rejected)):
+            pol, ref, tokens = expected_logps(artifact, smollm_tokenizer, PROMPT, response)
+            assert row[f"logp_ref_{field}"] is None and row[f"tokens_{field}"] == tokens
+            assert row[f"logp_policy_{field}"] == pytest.approx(pol, abs=1e-4)
+            assert row[f"reward_{field}"] == pytest.approx(0.5 * row[f"logp_policy_{field}"], rel=1e-6)
+            assert abs(0.5 * (pol - ref)) > 1e-2  # the reference would change the reward
+        assert row["margin"] == pytest.approx(row["reward_chosen"] - row["reward_rejected"], rel=1e-6)
+
+
+def test_score_prompt_response_records_with_normalize_mean(artifact, tmp_path, smollm_tokenizer, capsys):
+    records = [{"prompt": PROMPT, "response": r} for r in RESPONSES]
+    rows = score_records(artifact, tmp_path, records, "--normalize", "mean")  # the artifact's own is "sum"
+    fields = ("reward", "logp_policy", "logp_ref", "tokens", "truncated")
+    assert [set(row) for row in rows] == [{"row"} | {f"{f}_response" for f in fields}] * 3  # no pair fields
+    for i, (row, response) in enumerate(zip(rows, RESPONSES, strict=True)):
+        pol, ref, tokens = expected_logps(artifact, smollm_tokenizer, PROMPT, response)
+        assert row["row"] == i + 1 and row["tokens_response"] == tokens > 1 and row["truncated_response"] is False
+        assert row["logp_policy_response"] == pytest.approx(pol, abs=1e-4)
+        assert row["logp_ref_response"] == pytest.approx(ref, abs=1e-4)
+        expected = expected_reward(artifact, smollm_tokenizer, PROMPT, response, normalize="mean")
+        assert expected == pytest.approx(0.5 * (pol - ref) / tokens)  # β (Σ log π − Σ log π_ref) per token
+        assert row["reward_response"] == pytest.approx(expected, abs=1e-5)
+    out = capsys.readouterr().out
+    assert "accuracy" not in out and "scored 3 record(s)" in out
 
 
 def test_served_reward_equals_the_trainers_logged_reward(tmp_path, smollm_tokenizer):

@@ -43,6 +43,14 @@ def until(condition, seconds: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+async def until_async(condition, seconds: float = 10.0) -> None:
+    """``until`` inside the event loop: the requests being waited for keep running meanwhile."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
 def served(reward_model, **limits) -> tuple[State, httpx.AsyncClient]:
     state = State(Limits(**limits), None)
     state.attach(reward_model)
@@ -84,13 +92,13 @@ def test_a_client_that_leaves_cancels_its_queued_work(reward_model, gated):
 
 
 def test_timed_out_requests_give_their_queue_places_back(reward_model, gated):
-    gate, _ = gated
+    gate, calls = gated
     state, client = served(reward_model, max_queue_requests=2, request_timeout=0.5)
 
     async def go():
         async with client:
             first = asyncio.create_task(client.post("/v1/rewards", json=item(0)))
-            await asyncio.sleep(0.2)
+            await until_async(lambda: calls == [1])  # the first holds the model: the queue is empty
             late = await asyncio.gather(*(client.post("/v1/rewards", json=item(i)) for i in (1, 2)))
             depth = state.batcher.depth
             fresh = await client.post("/v1/rewards", json=item(3))  # the queue is empty again: 504, not 429
@@ -102,30 +110,43 @@ def test_timed_out_requests_give_their_queue_places_back(reward_model, gated):
 
 
 def test_the_timeout_covers_tokenizing_and_its_backlog_is_bounded(reward_model, monkeypatch):
-    real = reward_model.encode_responses
+    real, gate, encoded = reward_model.encode_responses, threading.Event(), []
 
-    def slow_encode(*args):
-        time.sleep(0.6)
-        return real(*args)
+    def gated_encode(prompt, *args):  # tokenizing waits for the gate
+        encoded.append(prompt)
+        gate.wait(20)
+        return real(prompt, *args)
 
-    monkeypatch.setattr(reward_model, "encode_responses", slow_encode)
-    state, client = served(reward_model, max_queue_requests=2, request_timeout=1.0)
+    monkeypatch.setattr(reward_model, "encode_responses", gated_encode)
+    state, client = served(reward_model, max_queue_requests=2, request_timeout=30.0)  # ample for the first
     state.tokenize_seconds = 3.0  # as if recent requests took 3 s each to tokenize
 
     async def go():
         async with client:
             first = asyncio.create_task(client.post("/v1/rewards", json=item(0)))
-            await asyncio.sleep(0.1)
-            second = asyncio.create_task(client.post("/v1/rewards", json=item(1)))  # tokenized at ~1.2 s: too late
-            await asyncio.sleep(0.1)
-            refused = await client.post("/v1/rewards", json=item(2))  # two already wait for the tokenizer
-            return (await first).status_code, (await second).status_code, refused
+            await until_async(lambda: len(encoded) == 1)  # the tokenizer thread is busy with the first
+            state.limits.request_timeout = 0.3  # read when a request arrives: the next one's deadline is short
+            second = asyncio.create_task(client.post("/v1/rewards", json=item(1)))
+            await until_async(lambda: state.tokenize_waiting == 2)  # the second waits for the tokenizer
+            refused = await client.post("/v1/rewards", json=item(2))  # two already wait for the tokenizer: 429
+            model_queue = state.retry_after()  # the model queue's own estimate: empty, so the 1 s floor
+            late = await second  # its deadline passes while it waits for the tokenizer
+            waiting = state.tokenize_waiting
+            gate.set()
+            return (await first).status_code, late, refused, model_queue, waiting
 
-    first, second, refused = asyncio.run(go())
-    assert (first, second, refused.status_code) == (200, 504, 429)
-    assert "tokenizer queue full" in refused.json()["error"]["message"]
-    assert refused.headers["Retry-After"] == "6"  # two waiting × 3 s, not the model queue's empty estimate
-    state.batcher.stop()
+    try:
+        first, second, refused, model_queue, waiting = asyncio.run(go())
+    finally:
+        gate.set()
+        state.batcher.stop()
+    assert (first, second.status_code, refused.status_code) == (200, 504, 429)
+    assert second.json()["error"] == {"message": "no result within 0.3 s", "type": "timeout_error", "code": 504}
+    assert refused.json()["error"]["message"] == "tokenizer queue full (2 requests)"
+    # Retry-After: the tokenizer's backlog, ceil(2 waiting × 3 s), not the model queue's estimate (1 s)
+    assert model_queue == 1 and refused.headers["Retry-After"] == "6"
+    assert waiting == 1  # the timed-out request gave its tokenizer place back at once
+    assert encoded == [f"{PROMPT} 0"]  # and was never tokenized
 
 
 def test_token_rewards_go_only_to_the_requests_that_ask(reward_model, gated):
@@ -135,10 +156,10 @@ def test_token_rewards_go_only_to_the_requests_that_ask(reward_model, gated):
     async def go():
         async with client:
             first = asyncio.create_task(client.post("/v1/rewards", json=item(0)))
-            await asyncio.sleep(0.2)
+            await until_async(lambda: calls == [1])  # the worker holds the first request's forward
             rest = [client.post("/v1/rewards", json=item(i, return_token_rewards=i == 1)) for i in (1, 2, 3)]
             tasks = [asyncio.create_task(r) for r in rest]
-            await asyncio.sleep(0.3)
+            await until_async(lambda: state.batcher.depth[0] == 3)  # all three queued behind it
             gate.set()
             await first
             return [(await t).json()["data"][0]["token_rewards"] for t in tasks]
@@ -165,13 +186,10 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it(reward_mod
     async def go():
         async with client:
             first = asyncio.create_task(client.post("/v1/rewards", json=item(0)))
-            await asyncio.sleep(0.2)
+            await until_async(lambda: calls == [1])  # the worker holds the first request's forward
             bad = asyncio.create_task(client.post("/v1/rewards", json=item(1, "word " * 60)))
             good = asyncio.create_task(client.post("/v1/rewards", json=item(2)))
-            for _ in range(500):  # both queued behind the first: they go to the model as one batch
-                if state.batcher.depth[0] == 2:
-                    break
-                await asyncio.sleep(0.02)
+            await until_async(lambda: state.batcher.depth[0] == 2)  # both queued: they go to the model as one batch
             gate.set()
             return (await first).status_code, (await bad).status_code, (await good).status_code
 
@@ -234,8 +252,8 @@ class StubModel:
 
     beta, paired = 1.0, None
 
-    def __init__(self, pads_batches=False, fail=None, delay=0.0):
-        self.pads, self.fail, self.delay, self.forwards = pads_batches, fail, delay, []
+    def __init__(self, pads_batches=False, fail=None, delay=0.0, gate=None):
+        self.pads, self.fail, self.delay, self.forwards, self.gate = pads_batches, fail, delay, [], gate
 
     def forward_pads(self, float32=False):
         return self.pads
@@ -245,6 +263,8 @@ class StubModel:
 
         self.forwards.append([len(s) for s in seqs])
         time.sleep(self.delay)
+        if self.gate is not None:
+            self.gate.wait(20)
         if self.fail is not None:
             raise self.fail
         return [RewardResult(1.0, 0.0, 0.0, len(s.prompt_ids), len(s.response_ids), False, False) for s in seqs]
@@ -269,11 +289,13 @@ def test_a_cancelled_job_stops_between_forwards():
         batcher.submit(job)
         until(lambda: len(model.forwards) >= 2)
         batcher.cancel(job)
-        time.sleep(0.3)
-        assert len(model.forwards) <= 3  # it was not scored to the end
+        seen = len(model.forwards)
         other = job_of(loop, [5])
-        batcher.submit(other)
-        until(lambda: other.future.done() or any(f == [5] for f in model.forwards))
+        batcher.submit(other)  # runs after the cancelled job has stopped: one worker, first come first served
+        until(lambda: [5] in model.forwards)
+        assert model.forwards[-1] == [5]
+        # it was not scored to the end: at most the forward already under way when it was cancelled
+        assert seen <= len(model.forwards) - 1 <= seen + 1 < 20
     finally:
         batcher.stop()
         loop.close()
@@ -301,7 +323,8 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
     import server.batcher as batcher_module
     from server.batcher import Batcher, ShuttingDown
 
-    model = StubModel(fail=torch.AcceleratorError("CUDA error: device-side assert triggered"), delay=0.3)
+    gate = threading.Event()
+    model = StubModel(fail=torch.AcceleratorError("CUDA error: device-side assert triggered"), gate=gate)
     batcher = Batcher(model, max_batch_tokens=5)
     loop = asyncio.new_event_loop()
     try:
@@ -309,6 +332,7 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
         batcher.submit(first)
         until(lambda: model.forwards)
         batcher.submit(queued)  # waits while the first one breaks the device
+        gate.set()
         until(lambda: batcher.failure is not None)
         assert "device-side assert" in batcher.failure
         with pytest.raises(ShuttingDown, match="restart"):
@@ -319,6 +343,7 @@ def test_a_poisoned_device_makes_the_server_unhealthy_and_refuse_work(monkeypatc
             loop.run_until_complete(asyncio.wait_for(first.future, 5))
         assert len(model.forwards) == 1
     finally:
+        gate.set()
         batcher.stop()
         loop.close()
     assert (
