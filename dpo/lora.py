@@ -47,7 +47,8 @@ def load_adapter(base, path: str, allow_pickle: bool = False):
     try:
         with warnings.catch_warnings():
             # PEFT warns that merging a delta on tied embeddings is hard; dporm unties before merging.
-            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
+            # ("Model with ..." from PEFT 0.18, "Model has ..." from 0.19.)
+            warnings.filterwarnings("ignore", message="Model (has|with) `tie_word_embeddings=True`")
             return PeftModel.from_pretrained(base, path).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise DpormError(f"cannot load adapter from {path}: {str(e).splitlines()[0]}") from None

@@ -120,3 +120,14 @@ def test_shared_prompt_equals_unshared_on_the_real_model(model, smollm_tokenizer
     torch.testing.assert_close(shared.token_logps, plain.token_logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.logp, plain.logp, atol=1e-4, rtol=1e-5)
     assert torch.isfinite(shared.logp).all() and (shared.logp < 0).all()
+
+
+def test_conversion_refuses_transformers_whose_gguf_reader_gets_the_tokenizer_wrong(tmp_path, monkeypatch):
+    import transformers
+
+    from dpo.errors import DpormError
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")  # EOS <|im_start|>, no pad token: refused
+    with pytest.raises(DpormError, match=r"needs transformers >= 5\.18, found 5\.17\.0"):
+        default_model._convert(tmp_path / default_model.GGUF_NAME, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
