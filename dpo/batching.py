@@ -52,10 +52,16 @@ def encode_examples(
     max_length: int | None = None,
     allow_response_truncation: bool = False,
     report: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    limit: int | None = None,
 ) -> list[EncodedExample]:
-    """Tokenize every response of every example by the shared rule; rows that cannot be encoded are skipped."""
+    """Tokenize every response of every example by the shared rule; rows that cannot be encoded are skipped.
+
+    With ``limit``, encoding stops at the first ``limit`` examples that encode.
+    """
     out, failed = [], []
     for ex in examples:
+        if limit is not None and len(out) >= limit:
+            break
         try:
             seqs = tuple(encode_responses(tokenizer, ex.prompt, ex.responses, max_length, allow_response_truncation))
         except EncodingError as e:

@@ -114,15 +114,33 @@ def _convert(gguf: Path, out: Path) -> None:
     (out / MARKER).write_text(json.dumps(source, indent=2) + "\n")
 
 
+def _misread_under(target: Path) -> str | None:
+    """The transformers release a cached checkpoint was converted under, when that release misread the GGUF."""
+    from packaging.version import Version
+
+    try:
+        version = json.loads((target / MARKER).read_text()).get("transformers", "")
+        return version if Version(version).release[:2] < GGUF_MIN_TRANSFORMERS else None
+    except (ValueError, AttributeError):  # not our JSON, or no parsable version: trust the checkpoint
+        return None
+
+
 def pull_default_model(
     cache_dir: str | os.PathLike | None = None,
     force: bool = False,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Path:
-    """Path of the default model checkpoint, fetched and converted on first use."""
+    """Path of the default model checkpoint, fetched and converted on first use.
+
+    A checkpoint converted under a transformers release that misread the GGUF's tokenizer is converted again.
+    """
     target = default_model_dir(cache_dir)
     if (target / MARKER).is_file() and not force:
-        return target
+        misread = _misread_under(target)
+        if misread is None:
+            return target
+        log(f"the cached default model was converted under transformers {misread}, which misread its tokenizer: "
+            "converting it again")  # fmt: skip
     require_writable(cache_root(cache_dir), "--cache-dir (or $DPORM_CACHE_DIR)", parents=True, directory=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:

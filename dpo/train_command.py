@@ -48,18 +48,27 @@ def _load_data(c: TrainConfig, report) -> tuple[PreferenceData, PreferenceData]:
         cut = len(train.examples) - c.eval_size
         evaluation = PreferenceData(train.examples[cut:])
         train = PreferenceData(train.examples[:cut], train.skipped)
-    if c.limit:
-        train = PreferenceData(train.examples[: c.limit], train.skipped)
+    if c.loss == "plackett_luce":
+        train, evaluation = _strict_rankings(train, report), _strict_rankings(evaluation, report)
     return train, evaluation
 
 
-def _strict_rankings(examples: list, report) -> list:
+def _strict_rankings(data: PreferenceData, report) -> PreferenceData:
     """Plackett–Luce needs a strict order: a ranking with tied scores would be trained in its input order."""
-    kept = [ex for ex in examples if len(ex.pairs) == len(ex.completions) * (len(ex.completions) - 1) // 2]
-    if len(kept) < len(examples):
-        report(f"skipped {len(examples) - len(kept)} ranking(s) with tied scores: --loss plackett_luce needs a "
+    kept = [ex for ex in data.examples if len(ex.pairs) == len(ex.responses) * (len(ex.responses) - 1) // 2]
+    if len(kept) < len(data.examples):
+        report(f"skipped {len(data.examples) - len(kept)} ranking(s) with tied scores: --loss plackett_luce needs a "
                "strict order")  # fmt: skip
-    return kept
+    return PreferenceData(kept, data.skipped)
+
+
+def _encode_train(c: TrainConfig, tokenizer, data: PreferenceData, report) -> tuple[list, PreferenceData]:
+    """The encoded training examples, the first ``--limit`` that encode, and the rows read to find them."""
+    train = encode_examples(tokenizer, data.examples, c.max_length, c.allow_response_truncation, report, c.limit)
+    if c.limit and train:  # the fingerprint (resume check, reference cache key) covers the rows read, no more
+        read = 1 + next(i for i, ex in enumerate(data.examples) if ex.row == train[-1].row)
+        data = PreferenceData(data.examples[:read], data.skipped)
+    return train, data
 
 
 def _check_output(c: TrainConfig, output: Path) -> Path | None:
@@ -149,10 +158,8 @@ def run_train(given: dict) -> Path:
     model_path = resolve_model_path(c.model, c.cache_dir)
     tokenizer = load_tokenizer(model_path, c.trust_remote_code)
     train_data, eval_data = _load_data(c, report)
-    train = encode_examples(tokenizer, train_data.examples, c.max_length, c.allow_response_truncation, report)
+    train, train_data = _encode_train(c, tokenizer, train_data, report)
     evaluation = encode_examples(tokenizer, eval_data.examples, c.max_length, c.allow_response_truncation, report)
-    if c.loss == "plackett_luce":
-        train, evaluation = _strict_rankings(train, report), _strict_rankings(evaluation, report)
     if not train:
         raise DpormError("no training example survived encoding (see the skipped rows above)")
     report(f"{len(train)} training and {len(evaluation)} eval examples")

