@@ -156,9 +156,13 @@ def encode_responses(
     responses: Iterable[str],
     max_length: int | None = None,
     allow_response_truncation: bool = False,
+    max_response_tokens: int | None = None,
 ) -> Iterator[Encoded]:
     """The (prompt, response) sequences of one prompt's responses, the prompt rendered and tokenized once and
     cut once for all of them (the shortest cut any needs; a single response is :func:`encode`).
+
+    ``max_response_tokens`` first keeps each response's first tokens only (a rerank API's per-document cap);
+    a response so cut is flagged ``truncated``.
 
     An :class:`EncodingError` is raised when the failing item is reached (the prompt's: at the first).
     """
@@ -176,20 +180,22 @@ def encode_responses(
     try:
         shared = guarded(_PromptTokens, tokenizer, prompt)
     except EncodingError as e:
-        failure, shared, tokenized = (0, e), None, []
+        failure, shared, tokenized, capped = (0, e), None, [], []
     else:
-        failure, tokenized = None, []
+        failure, tokenized, capped = None, [], []
         for i, response in enumerate(responses):  # all tokenized first: the shared cut depends on every one
             try:
-                tokenized.append(guarded(shared.response_ids, response))
+                ids = guarded(shared.response_ids, response)
             except EncodingError as e:
                 failure = (i, e)
                 break
+            capped.append(max_response_tokens is not None and len(ids) > max_response_tokens)
+            tokenized.append(ids[:max_response_tokens])
     fits: list[Encoded] = []
     for i, response_ids in enumerate(tokenized):
         try:
-            fits.append(_fit(list(shared.ids), response_ids, tokenizer.bos_token_id, max_length,
-                             allow_response_truncation))  # fmt: skip
+            fit = _fit(list(shared.ids), response_ids, tokenizer.bos_token_id, max_length, allow_response_truncation)
+            fits.append(Encoded(fit.prompt_ids, fit.response_ids, True) if capped[i] and not fit.truncated else fit)
         except EncodingError as e:
             failure = (i, e) if failure is None or i < failure[0] else failure
             break

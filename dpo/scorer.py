@@ -157,11 +157,26 @@ class RewardModel:
         return encode(self.tokenizer, prompt, response, self.max_length, allow)
 
     def encode_responses(
-        self, prompt: Prompt, responses: Sequence[str], allow_response_truncation: bool | None = None
+        self,
+        prompt: Prompt,
+        responses: Sequence[str],
+        allow_response_truncation: bool | None = None,
+        max_length: int | None = None,
+        max_response_tokens: int | None = None,
     ) -> Iterator[Encoded]:
-        """:meth:`encode` of each response to one prompt, lazily; the prompt is tokenized once."""
+        """:meth:`encode` of each response to one prompt, lazily; the prompt is tokenized once.
+
+        ``max_length`` lowers the model's own limit for these sequences; ``max_response_tokens`` keeps each
+        response's first tokens only (see :func:`dpo.encoding.encode_responses`).
+        """
         allow = self.allow_response_truncation if allow_response_truncation is None else allow_response_truncation
-        return encode_responses(self.tokenizer, prompt, responses, self.max_length, allow)
+        return encode_responses(self.tokenizer, prompt, responses, self.length_limit(max_length), allow,
+                                max_response_tokens)  # fmt: skip
+
+    def length_limit(self, max_length: int | None = None) -> int | None:
+        """The model's ``max_length``, or ``max_length`` where that is lower."""
+        limits = [n for n in (self.max_length, max_length) if n is not None]
+        return min(limits) if limits else None
 
     def _reference_token_logps(self, seqs: Sequence[Encoded]) -> tuple[list[torch.Tensor], list[bool]]:
         cached = [self.ref_cache.get(s) for s in seqs]

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from starlette.routing import get_route_path
 
 log = logging.getLogger("dporm.server")
 
@@ -31,14 +32,15 @@ class _ClientGone(Exception):
 class Admission:
     """``authorize(headers)`` returns an error response or None; ``error(code, message, kind)`` builds one.
 
-    ``protected_routes`` are the (method, path) pairs that need the API key.
+    Every path but ``open_routes`` needs the API key (a route added later is protected unless listed).
+    Paths are the app's own: without the ``root_path`` it is served under, or mounted at, in a larger app.
 
     ``endpoints()`` names the app's routes: other paths are counted as ``other`` (one label per unknown
     path would let any client grow the metrics without bound).
     """
 
-    def __init__(self, app, *, state, protected_routes: set[tuple[str, str]], authorize, error, endpoints):
-        self.app, self.state, self.protected_routes = app, state, protected_routes
+    def __init__(self, app, *, state, open_routes: set[str], authorize, error, endpoints):
+        self.app, self.state, self.open_routes = app, state, open_routes
         self.authorize, self.error, self.endpoints = authorize, error, endpoints
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
@@ -55,7 +57,7 @@ class Admission:
 
         try:
             response = None
-            if (scope["method"], scope["path"]) in self.protected_routes:
+            if get_route_path(scope) not in self.open_routes:
                 response = self.authorize(_headers(scope))  # 401 before the body is read
             if response is None:
                 response, receive = await self._limit_body(scope, receive)
@@ -72,7 +74,7 @@ class Admission:
             failed = self.error(500, f"internal error ({type(e).__name__})", "internal_error")
             await failed(scope, receive, counting_send)
         finally:
-            path = scope["path"]
+            path = get_route_path(scope)
             endpoint = path if path in self.endpoints() else "other"
             metrics = self.state.metrics
             metrics.requests.labels(endpoint, str(status or CLIENT_GONE)).inc()

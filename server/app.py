@@ -28,8 +28,9 @@ from server.pipeline import ApiError, Group, Limits, State, error_response, sigm
 
 __all__ = ["INFERENCE_ROUTES", "Limits", "State", "create_app"]
 INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
-# With an API key these need it too (they name the models' paths); /health, /ready and /metrics stay open for probes.
-PROTECTED_ROUTES = {("POST", path) for path in INFERENCE_ROUTES} | {("GET", "/info"), ("GET", "/v1/models")}
+# With an API key, every other path needs it (/info and /v1/models name the models' paths); these stay open for
+# probes, scrapers and the API's own documentation.
+OPEN_ROUTES = {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 log = logging.getLogger("dporm.server")
 
 
@@ -78,7 +79,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
             return error_response(422, "the body must be a JSON object sent with 'Content-Type: application/json'",
                           "invalid_request_error")  # fmt: skip
-        where = ".".join(str(p) for p in loc if p != "body")
+        where = ".".join(str(p) for p in loc if p != "body" and p not in s.RERANK_DIALECTS)
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         return error_response(422, f"{where}: {message}" if where else message, "invalid_request_error")
 
@@ -104,7 +105,7 @@ def create_app(state: State, loader=None) -> FastAPI:
     def endpoints() -> set[str]:
         return {route.path for route in app.routes}
 
-    app.add_middleware(Admission, state=state, protected_routes=PROTECTED_ROUTES, authorize=authorize,
+    app.add_middleware(Admission, state=state, open_routes=OPEN_ROUTES, authorize=authorize,
                        error=error_response, endpoints=endpoints)  # fmt: skip
 
     @app.post("/v1/rewards", response_model=s.RewardsResponse)
@@ -167,7 +168,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         out = [
             s.RerankResult(
                 index=i,
-                relevance_score=results[i].reward,
+                relevance_score=sigmoid(results[i].reward) if body.use_activation else results[i].reward,
                 document=s.Document(text=texts[i]) if body.return_documents else None,
             )
             for i in top
@@ -176,9 +177,12 @@ def create_app(state: State, loader=None) -> FastAPI:
             id=f"rerank-{uuid.uuid4().hex}", model=model.name, results=out, usage=usage(results, shared_prompt=True)
         )
 
-    @app.post("/rerank", response_model=list[s.TEIRank], response_model_exclude_none=True)
-    async def rerank_tei(body: s.TEIRerankRequest, request: Request) -> list[s.TEIRank]:
-        options = s.ScoringOptions(truncate=body.truncate)
+    @app.post("/rerank", response_model=list[s.TEIRank] | s.RerankResponse, response_model_exclude_none=True)
+    async def rerank_tei(body: s.AnyRerankRequest, request: Request) -> list[s.TEIRank] | s.RerankResponse:
+        """TEI's dialect; a body with ``documents`` is the Cohere/Jina one, as vLLM serves it here too."""
+        if isinstance(body, s.RerankRequest):
+            return await rerank(body, request)
+        options = s.ScoringOptions(truncate=bool(body.truncate), truncate_response=bool(body.truncate))
         _, results, order = await rank(request, lambda: body.query, body.texts, options)
         return [
             s.TEIRank(

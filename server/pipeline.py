@@ -116,7 +116,7 @@ class State:
                 raise ApiError(429, f"tokenizer queue full ({self.tokenize_waiting} requests)", "rate_limit_error",
                                {"Retry-After": str(wait_s)})  # fmt: skip
             self.tokenize_waiting += 1
-        work = self.tokenizing.submit(self.encode_sync, model, make_groups, options.truncate, options.truncate_response)
+        work = self.tokenizing.submit(self.encode_sync, model, make_groups, options)
 
         def release(_) -> None:
             with self.lock:
@@ -130,16 +130,19 @@ class State:
         floor = self.limits.retry_after
         return self.batcher.retry_after(floor) if self.batcher is not None else floor
 
-    def encode_sync(self, model: RewardModel, make_groups: Callable[[], list[Group]], truncate: bool,
-                    truncate_response: bool = False) -> list[Encoded]:  # fmt: skip
+    def encode_sync(self, model: RewardModel, make_groups: Callable[[], list[Group]],
+                    options: s.ScoringOptions) -> list[Encoded]:  # fmt: skip
         """``truncate`` accepts prompts cut from the left; a response is cut only where the artifact was trained so,
-        or where the request asks for it (``truncate_response``, as RewardBench's evaluation cuts)."""
-        truncate = truncate or truncate_response
-        cut_responses = True if truncate_response else None  # None: the artifact's own setting
+        or where the request asks for it (``truncate_response``, as RewardBench's evaluation cuts; a rerank's
+        per-document cap)."""
+        truncate = options.truncate or options.truncate_response
+        cut_responses = True if options.truncate_response else None  # None: the artifact's own setting
+        max_length = model.length_limit(options.length_cap())
         start = time.perf_counter()
         seqs: list[Encoded] = []
         for prompt, responses in make_groups():
-            encoded = model.encode_responses(prompt, responses, cut_responses)  # the prompt tokenized once
+            encoded = model.encode_responses(prompt, responses, cut_responses, max_length,
+                                             options.response_cap())  # the prompt tokenized once  # fmt: skip
             for _ in responses:
                 i = len(seqs)
                 try:
@@ -147,7 +150,7 @@ class State:
                 except ResponseTooLongError:
                     raise ApiError(
                         413,
-                        f"item {i}: the response alone exceeds max_length={model.max_length} tokens "
+                        f"item {i}: the response alone exceeds max_length={max_length} tokens "
                         "(a cut response is scored as different text: send truncate_response=true to cut it anyway)",
                         "request_too_large",
                     ) from None
@@ -156,7 +159,7 @@ class State:
                 if seq.truncated and not truncate:
                     raise ApiError(
                         413,
-                        f"item {i}: {len(seq)}+ tokens exceed max_length={model.max_length}; "
+                        f"item {i}: {len(seq)}+ tokens exceed max_length={max_length}; "
                         "send truncate=true to cut the prompt from the left",
                         "request_too_large",
                     )

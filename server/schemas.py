@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, model_validator
 
 # Request bodies shown, ready to send, by /docs ("Try it out"); a test posts each one.
 _REWARDS_EXAMPLE = {
@@ -78,6 +78,14 @@ class ScoringOptions(BaseModel):
         "the reward is then the cut text's, as in RewardBench's evaluation",
     )
 
+    def length_cap(self) -> int | None:
+        """This request's own, lower, max_length (vLLM's ``truncate_prompt_tokens``); None: the model's."""
+        return None
+
+    def response_cap(self) -> int | None:
+        """At most this many tokens of each response (Cohere's ``max_tokens_per_doc``); None: no cap."""
+        return None
+
 
 class RewardItem(_Prompted):
     response: str
@@ -144,8 +152,10 @@ class RerankRequest(ScoringOptions):
     """Cohere/Jina/vLLM rerank: the query is the prompt, documents are candidate responses.
 
     Unknown fields are a 422, as on every route (a typo such as ``top_k`` is not dropped in silence). Fields
-    that peers' clients send and that change nothing here are accepted and ignored: ``model``; Cohere's
-    ``max_chunks_per_doc`` (a document is scored whole) and ``rank_fields`` (documents are text).
+    that peers' clients send are understood: Cohere v2's ``max_tokens_per_doc`` and vLLM's
+    ``truncate_prompt_tokens`` and ``use_activation``. Those that change nothing here are accepted and
+    ignored: ``model``, ``priority``; Cohere's ``max_chunks_per_doc`` (a document is scored whole) and
+    ``rank_fields`` (documents are text).
     """
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_RERANK_EXAMPLE]})
@@ -153,8 +163,17 @@ class RerankRequest(ScoringOptions):
     messages: list[Message] | None = None
     documents: list[str | Document] = Field(min_length=1)
     top_n: StrictInt | None = Field(None, ge=0, description="the best top_n results; 0 or none: all (as vLLM)")
-    return_documents: StrictBool = False
+    return_documents: StrictBool | None = Field(None, description="each result's document too; none: false")
     model: str | None = None
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Cohere v2: each document cut to its first N tokens (implies truncate)"
+    )
+    truncate_prompt_tokens: StrictInt | None = Field(
+        None, ge=-1, description="vLLM: each sequence cut to at most N tokens, -1: to max_length (implies "
+        "truncate_response); the query is cut from the left first, then the document from the right",
+    )  # fmt: skip
+    use_activation: StrictBool | None = Field(None, description="vLLM: true gives σ(reward) as relevance_score")
+    priority: StrictInt | None = Field(None, description="accepted and ignored: one queue, first come first served")
     max_chunks_per_doc: int | None = Field(None, description="accepted and ignored: a document is scored whole")
     rank_fields: list[str] | None = Field(None, description="accepted and ignored: documents are text")
 
@@ -164,7 +183,17 @@ class RerankRequest(ScoringOptions):
             raise ValueError("give exactly one of 'query' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
+        if self.truncate_prompt_tokens == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 or at least 1")
+        self.truncate = self.truncate or self.max_tokens_per_doc is not None
+        self.truncate_response = self.truncate_response or self.truncate_prompt_tokens is not None
         return self
+
+    def length_cap(self) -> int | None:
+        return self.truncate_prompt_tokens if self.truncate_prompt_tokens not in (None, -1) else None
+
+    def response_cap(self) -> int | None:
+        return self.max_tokens_per_doc
 
     def conversation(self) -> str | list[dict[str, str]]:
         return self.query if self.query is not None else [m.model_dump() for m in self.messages]
@@ -188,15 +217,29 @@ class RerankResponse(BaseModel):
 
 class TEIRerankRequest(BaseModel):
     """Text-embeddings-inference's /rerank; ``raw_scores: false`` maps rewards through σ like TEI.
-    ``truncation_direction`` is accepted and ignored: with ``truncate``, the prompt is always cut from the left."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_TEI_EXAMPLE]})
+    As TEI, unknown fields are ignored, and ``truncate`` fits every (query, text) into max_length: the query
+    is cut from the left, then the text from the right. ``truncation_direction`` is accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [_TEI_EXAMPLE]})
     query: str
     texts: list[str] = Field(min_length=1)
     raw_scores: StrictBool = False
     return_text: StrictBool = False
-    truncate: StrictBool = False
+    truncate: StrictBool | None = Field(None, description="none: false (no truncation)")
     truncation_direction: Literal["Left", "Right", "left", "right"] | None = None
+
+
+RERANK_DIALECTS = ("tei", "cohere")  # tags of /rerank's union: not field names, left out of error locations
+
+
+def _rerank_dialect(body: Any) -> str:
+    return "cohere" if isinstance(body, dict) and "documents" in body else "tei"
+
+
+AnyRerankRequest = Annotated[
+    Annotated[TEIRerankRequest, Tag("tei")] | Annotated[RerankRequest, Tag("cohere")], Discriminator(_rerank_dialect)
+]
 
 
 class TEIRank(BaseModel):

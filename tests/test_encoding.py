@@ -6,7 +6,7 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from dpo.encoding import encode, render_chat
+from dpo.encoding import Encoded, encode, render_chat
 from dpo.errors import EncodingError, ResponseTooLongError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -175,3 +175,18 @@ def test_the_responses_of_one_prompt_share_one_prompt_cut(smollm_tokenizer):
     assert list(encode_responses(smollm_tokenizer, "Hi.", ["a", "b"], max_length=40)) == uncut  # nothing cut
     with pytest.raises(ResponseTooLongError):  # a response that cannot fit still fails at its own item
         list(encode_responses(smollm_tokenizer, prompt, [short, "x " * 60], max_length=40))
+
+
+def test_max_response_tokens_keeps_each_responses_first_tokens(smollm_tokenizer):
+    from dpo.encoding import encode_responses
+
+    prompt, responses = "Name two colours.", ["Blue and green, both calm colours.", "Red."]
+    whole = [encode(smollm_tokenizer, prompt, r) for r in responses]
+    n = len(whole[1].response_ids)  # the short response has exactly n tokens: not cut, not flagged
+    assert len(whole[0].response_ids) > n
+    capped = list(encode_responses(smollm_tokenizer, prompt, responses, max_response_tokens=n))
+    assert capped[0] == Encoded(whole[0].prompt_ids, whole[0].response_ids[:n], True)
+    assert capped[1] == whole[1]
+    long, room = "long " * 60, len(whole[0].prompt_ids) + 8  # over max_length alone; its first 8 tokens fit
+    fit = next(encode_responses(smollm_tokenizer, prompt, [long], max_length=room, max_response_tokens=8))
+    assert fit.prompt_ids == whole[0].prompt_ids and len(fit.response_ids) == 8 and fit.truncated
