@@ -135,8 +135,9 @@ def print_table(results: dict) -> None:
     if results.get("calibration", {}).get("ece") is not None:
         lines.append(f"ECE {results['calibration']['ece']:.4f} (σ(r_chosen − r_rejected), symmetrised)")
     if results.get("truncated_rows"):
+        whose = "the server's own" if results["model"].get("servers") else "see --max-length"
         lines.append(f"{results['truncated_rows']} row(s) cut to max_length={results['model'].get('max_length')} "
-                     "(see --max-length)" if not results["config"]["rewardbench_compat"] else
+                     f"({whose})" if not results["config"]["rewardbench_compat"] else
                      f"{results['truncated_rows']} row(s) cut by RewardBench's 2048/128 rule")  # fmt: skip
     t, d = results["timings"], results["data"]
     if d.get("rechecked"):

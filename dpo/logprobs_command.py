@@ -41,7 +41,7 @@ def run_logprobs(args: argparse.Namespace) -> None:
     require_at_least(args, ("max_length",), 2)
     if args.output:
         require_writable(args.output)
-    resolve_dtype(args.dtype), resolve_device(args.device)  # bad options fail before any model work
+    resolve_dtype(args.dtype, paired=False), resolve_device(args.device)  # bad options fail before any model work
     records = list(itertools.islice(read_records(args.data), args.limit))
     shapes = [_responses(r) for r in records]
     kind = next((s for s in shapes if s is not None), None)

@@ -16,12 +16,16 @@ PAIRED = "bf16-paired"
 AUTOCAST_ATTRIBUTE = "dporm_autocast_dtype"
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, paired: bool = True) -> torch.dtype:
+    """The weights' dtype of ``--dtype name``; ``paired=False`` where one model runs (nothing to pair)."""
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", MIXED: "float32", PAIRED: "float32"}
+    if name == PAIRED and not paired:
+        raise DpormError(f"--dtype {PAIRED} scores a policy with its reference: use it with score, serve or eval")
     try:
         return DTYPES[aliases.get(name, name)]
     except KeyError:
-        raise DpormError(f"unknown dtype {name!r}; choose one of fp32, bf16, bf16-mixed, bf16-paired, fp16") from None
+        choices = f"fp32, bf16, bf16-mixed{', bf16-paired' if paired else ''}, fp16"
+        raise DpormError(f"unknown dtype {name!r}; choose one of {choices}") from None
 
 
 def mix_precision(model, dtype: torch.dtype = torch.bfloat16):
@@ -93,13 +97,12 @@ def load_model(
     """A causal LM in eval mode. Pickle checkpoints are refused unless ``allow_pickle``."""
     from transformers import AutoModelForCausalLM
 
-    if dtype == PAIRED:
-        raise DpormError(f"--dtype {PAIRED} scores a policy with its reference: use it with score, serve or eval")
+    torch_dtype = resolve_dtype(dtype, paired=False)  # one model: nothing to pair
     _check_local(path)
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             path,
-            dtype=resolve_dtype(dtype),
+            dtype=torch_dtype,
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,

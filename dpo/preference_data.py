@@ -270,7 +270,31 @@ def load_rows(source: str, split: str = "train"):
     except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e  # a generation error wraps the parser's own message
         why = str(cause).splitlines()[0] if str(cause) else f"{type(cause).__name__} (a malformed file?)"
-        raise DpormError(f"cannot load {source}: {why}") from None
+        bad_line = _first_bad_json_line(path) if path.is_file() and ".jsonl" in path.suffixes else None
+        raise DpormError(f"cannot load {source}: {bad_line or why}") from None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """``line N: why`` for the first line of a JSONL file that is not a JSON object (the parser's own row numbers
+    count from 0 within a block); None when every line parses and there is one at least."""
+    import gzip
+
+    opener, rows = gzip.open if path.suffix == ".gz" else open, 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n}, column {e.colno}: not valid JSON ({e.msg})"
+                if not isinstance(record, dict):
+                    return f"line {n}: not a JSON object"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None if rows else "the file is empty (no JSON lines)"
 
 
 def _quietly(datasets, load):

@@ -44,10 +44,17 @@ def run_score(args: argparse.Namespace) -> None:
     kind = next((f for f in shapes if f), None)
     if kind is None:
         raise DpormError(f"{args.data}: no record has 'prompt' with 'response' or 'chosen'/'rejected' strings")
+    other = next((i for i, f in enumerate(shapes) if f and f != kind), None)
+    if other is not None:
+        first = shapes.index(kind)
+        raise DpormError(f"{args.data} mixes record kinds: row {first + 1} has {'/'.join(kind)}, row {other + 1} "
+                         f"{'/'.join(shapes[other])}; score each kind from its own file")  # fmt: skip
     usable = [i for i, f in enumerate(shapes) if f == kind]
     if len(usable) < len(rows):
-        print(f"skipped {len(rows) - len(usable)} record(s) without a string or messages 'prompt' and "
-              f"{'/'.join(kind)} strings", file=sys.stderr)  # fmt: skip
+        bad = [str(i + 1) for i, f in enumerate(shapes) if f is None]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        print(f"skipped {len(bad)} record(s) without a string or messages 'prompt' and {'/'.join(kind)} strings: "
+              f"row(s) {', '.join(bad[:3])}{more}", file=sys.stderr)  # fmt: skip
     model = load_reward_model(
         args.artifact,
         args.policy,
@@ -65,8 +72,9 @@ def run_score(args: argparse.Namespace) -> None:
             responses = [rows[i][f] for f in kind]
             encoded[i] = list(model.encode_responses(rows[i]["prompt"], responses, args.truncate or None))
         except EncodingError as e:
-            failed.append(f"{i + 1} ({e})")
-            too_long += isinstance(e, ResponseTooLongError)
+            long = isinstance(e, ResponseTooLongError)  # its advice names no flag of this command: the hint below does
+            failed.append(f"{i + 1} ({str(e).split(';')[0] if long else e})")
+            too_long += long
     if failed:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         hint = f" ({too_long} too long: --truncate cuts them)" if too_long and not args.truncate else ""

@@ -207,8 +207,9 @@ def check_config(c: TrainConfig, explicit: set[str]) -> None:
     for name in ("eval_size", "eval_every", "save_every", "weight_decay", "max_grad_norm", "lora_dropout"):
         if getattr(c, name) < 0:
             raise DpormError(f"--{name.replace('_', '-')} must not be negative")
-    if not all(math.isfinite(v) and v > 0 for v in (c.beta, c.lr, c.epochs)):
-        raise DpormError("--beta, --lr and --epochs must be positive finite numbers")
+    for name in ("beta", "lr", "epochs"):
+        if not (math.isfinite(getattr(c, name)) and getattr(c, name) > 0):
+            raise DpormError(f"--{name} must be a positive finite number, got {getattr(c, name):g}")
     if not 0 <= c.label_smoothing < 0.5:
         raise DpormError(f"--label-smoothing must be in [0, 0.5), got {c.label_smoothing}")
     if not 0 <= c.warmup_ratio < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from dpo.errors import DpormError
@@ -13,16 +14,19 @@ CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "re
 
 
 class MetricsLog:
-    """Appends ``{"step", "split", **metrics}`` lines. On resume, lines after ``resume_step`` (written
-    by the interrupted run after its last checkpoint) are dropped first."""
+    """Appends ``{"step", "split", **metrics, "seconds"}`` lines, ``seconds`` since the run started. On resume,
+    lines after ``resume_step`` (written by the interrupted run after its last checkpoint) are dropped first,
+    and ``seconds`` goes on from the last line kept (time spent stopped is not counted)."""
 
     def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
-        self.path = path
+        self.path, self.started, self.offset = path, time.monotonic(), 0.0
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.loads(line) for line in path.read_text().splitlines()]
+            kept = [row for row in kept if row["step"] <= resume_step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            self.offset = max((row.get("seconds", 0.0) for row in kept), default=0.0)
         self.writer = None
         if tensorboard_dir is not None:
             try:
@@ -33,7 +37,8 @@ class MetricsLog:
 
     def write(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+            seconds = self.offset + time.monotonic() - self.started
+            f.write(json.dumps({"step": step, "split": split, **metrics, "seconds": seconds}) + "\n")
         if self.writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):

@@ -247,7 +247,7 @@ class Trainer:
         metrics = stats_to_metrics(stats)
         low, high = wilson_interval(metrics["rewards/accuracies"] * metrics["pairs"], metrics["pairs"])
         metrics.update({"rewards/accuracies_ci95_low": low, "rewards/accuracies_ci95_high": high,
-                        "seconds": time.perf_counter() - start})  # fmt: skip
+                        "eval_seconds": time.perf_counter() - start})  # fmt: skip
         return metrics
 
     def trainable(self) -> dict[str, torch.Tensor]:

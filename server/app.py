@@ -79,6 +79,8 @@ def create_app(state: State, loader=None) -> FastAPI:
         if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
             return error_response(422, "the body must be a JSON object sent with 'Content-Type: application/json'",
                           "invalid_request_error")  # fmt: skip
+        if loc == ("body",) and first.get("type") == "missing":
+            return error_response(422, "the request has no body: send a JSON object", "invalid_request_error")
         where = ".".join(str(p) for p in loc if p != "body" and p not in s.RERANK_DIALECTS)
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         return error_response(422, f"{where}: {message}" if where else message, "invalid_request_error")

@@ -25,7 +25,8 @@ def test_help_lists_subcommands():
         (["logprobs", "--data", "/nonexistent.jsonl"], "no such file"),
         (["logprobs", "--data", "{data}", "--model", "/nonexistent/model"], "no such model directory"),
         (["logprobs", "--data", "{data}", "--limit", "0"], "--limit must be at least 1"),
-        (["logprobs", "--data", "{data}", "--dtype", "fp8"], "unknown dtype"),
+        (["logprobs", "--data", "{data}", "--dtype", "fp8"], "choose one of fp32, bf16, bf16-mixed, fp16"),  # no paired
+        (["logprobs", "--data", "{data}", "--dtype", "bf16-paired"], "bf16-paired scores a policy with its reference"),
         (["logprobs", "--data", "{data}", "--bogus"], "unrecognized arguments: --bogus (see 'dporm logprobs --help')"),
         (["eval", "pairs", "--data", "{data}", "--output", "o", "--x"], "(see 'dporm eval pairs --help')"),
     ],

@@ -352,3 +352,14 @@ def test_adjacent_rows_with_one_prompt_go_to_a_server_apart():
 
     a, b, c = Group("p", ("x", "y")), Group("p", ("z", "w")), Group("q", ("x", "y"))
     assert _apart([a, b, c, a]) == [[a], [b, c, a]]  # b would share a's cut in one request
+
+
+@pytest.mark.parametrize(("servers", "hint"), [(None, "(see --max-length)"), (["http://a"], "(the server's own)")])
+def test_the_truncation_line_points_to_the_max_length_that_applied(capsys, servers, hint):
+    from dpo.eval_reports import print_table
+
+    results = {"truncated_rows": 3, "model": {"max_length": 512, "servers": servers},
+               "config": {"rewardbench_compat": False}, "data": {"scored": 4, "rows": 4, "failed": 0, "skipped": 0},
+               "timings": {"score_seconds": 1.0, "rows_per_second": 4.0}}  # fmt: skip
+    print_table(results)
+    assert f"3 row(s) cut to max_length=512 {hint}" in capsys.readouterr().out

@@ -348,7 +348,25 @@ def test_score_command_matches_the_server(client, artifact, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "accuracy" in captured.out
     assert "skipped 1 record(s) that cannot be encoded (1 too long: --truncate cuts them)" in captured.err
+    assert "raise max_length" not in captured.err  # score has no such flag: only --truncate is advised
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_score_refuses_mixed_record_kinds_and_names_skipped_rows(artifact, tmp_path, capsys):
+    from dpo.cli import main
+
+    pair = {"prompt": PROMPT, "chosen": RESPONSES[0], "rejected": RESPONSES[1]}
+    single = {"prompt": PROMPT, "response": RESPONSES[0]}
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (single, {"prompt": 3}, single, pair)) + "\n")
+    assert main(["score", str(artifact), "--data", str(data), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "mixes record kinds: row 1 has response, row 4 chosen/rejected" in err and len(err.splitlines()) == 1
+    data.write_text("\n".join(json.dumps(r) for r in (single, {"prompt": 3}, single)) + "\n")
+    assert main(["score", str(artifact), "--data", str(data), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 record(s) without a string or messages 'prompt' and response strings: row(s) 2" in captured.err
+    assert "scored 2 record(s)" in captured.out
 
 
 PAIRS = [(RESPONSES[0], RESPONSES[1]), (RESPONSES[2], "Yes.")]

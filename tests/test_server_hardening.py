@@ -165,11 +165,20 @@ def test_score_checks_its_output_and_data_before_loading(artifact, tmp_path, cap
     assert "cannot load" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("text", "reason"), [("{bad json\n", "JSON parse error"), ("", "the file is empty"),
-                                              ("1\n2\n", "cannot load")])  # fmt: skip
-def test_malformed_data_files_are_one_line_errors(tmp_path, text, reason):
-    path = tmp_path / "rows.jsonl"
-    path.write_text(text)
+ROW = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("{bad json\n", r"line 1, column 2: not valid JSON \(Expecting property name"), ("", "the file is empty"),
+    (f"{ROW}\n\n{ROW}\nnot json\n{ROW}\n", r"line 4, column 1: not valid JSON"),  # numbered from 1, blanks too
+    (f"{ROW}\n[1, 2]\n", "line 2: not a JSON object"),
+])  # fmt: skip
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_malformed_data_files_are_one_line_errors_naming_the_line(tmp_path, text, reason, suffix):
+    import gzip
+
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
     with pytest.raises(DpormError, match=reason):
         load_rows(str(path))
 
@@ -252,6 +261,11 @@ def test_json_errors_say_what_is_wrong_with_the_body(reward_model):
         assert "Content-Type: application/json" in _error(form, 422)
         broken = c.post("/v1/rewards", content=b'{"items": [', headers={"content-type": "application/json"})
         assert "not valid JSON (at character" in _error(broken, 422)
+        for path in ("/v1/rewards", "/rerank"):
+            empty = c.post(path, content=b"", headers={"content-type": "application/json"})
+            assert _error(empty, 422) == "the request has no body: send a JSON object"
+        document = {"query": PROMPT, "documents": [{"text": "a", "title": "kept by Cohere, ignored here"}]}
+        assert c.post("/v1/rerank", json=document).status_code == 200
 
 
 def test_retry_after_is_the_queue_drain_time_at_the_recent_rate(reward_model):

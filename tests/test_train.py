@@ -90,6 +90,9 @@ def test_lora_run_writes_artifact_metrics_and_curves(tiny_model_dir, tmp_path):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 3] and evals[0]["rewards/margins"] == 0.0
+    elapsed = [r["seconds"] for r in records]  # since the run started, on every line
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert all(0 < r["eval_seconds"] <= r["seconds"] for r in evals)
     assert manifest.metrics["eval"]["rewards/accuracies_ci95_low"] <= manifest.metrics["eval"]["rewards/accuracies"]
 
 
@@ -272,6 +275,19 @@ def _base_args(model, output):
             "--lora-dropout", "0.1"]  # fmt: skip
 
 
+def test_a_resumed_log_counts_seconds_on_from_its_last_kept_line(tmp_path, monkeypatch):
+    from dpo import train_log
+
+    clock = iter([100.0, 107.5, 200.0, 203.0])  # monotonic readings: open, write; reopen, write
+    monkeypatch.setattr(train_log.time, "monotonic", lambda: next(clock))
+    path = tmp_path / "metrics.jsonl"
+    train_log.MetricsLog(path).write(1, {"loss": 0.5})
+    with path.open("a") as f:  # written after the last checkpoint by the interrupted run: dropped on resume
+        f.write('{"step": 2, "split": "train", "loss": 0.4, "seconds": 50.0}\n')
+    train_log.MetricsLog(path, resume_step=1).write(2, {"loss": 0.3})
+    assert [(r["step"], r["seconds"]) for r in read_metrics(path)] == [(1, 7.5), (2, 10.5)]
+
+
 def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     """SIGKILL after the first checkpoint, then --resume: same weights and loss as an uninterrupted run."""
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -320,6 +336,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_
         (["--loss", "hinge", "--label-smoothing", "0.1"], "--label-smoothing conflicts with --loss"),
         (["--max-steps", "2", "--epochs", "2"], "--max-steps conflicts with --epochs"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--lr", "-1"], "--lr must be a positive finite number, got -1"),
+        (["--beta", "0"], "--beta must be a positive finite number, got 0"),
     ],
 )
 def test_conflicting_options_name_the_conflict(tiny_model_dir, tmp_path, capsys, flags, message):
