@@ -88,16 +88,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF and save a normal safetensors checkpoint into ``out``."""
+def _require_gguf_reader(doing: str) -> None:
+    """A one-line error unless this transformers reads the GGUF's tokenizer right."""
     import transformers
     from packaging.version import Version  # a dependency of transformers
 
     if Version(transformers.__version__).release[:2] < GGUF_MIN_TRANSFORMERS:
         need = ".".join(map(str, GGUF_MIN_TRANSFORMERS))
-        raise DpormError(f"converting {gguf.name} needs transformers >= {need}, found {transformers.__version__} "
-                         "(its GGUF reader gets the tokenizer wrong): upgrade transformers, or pull where it is "
-                         f"installed and copy models/{DEFAULT_MODEL} into this cache")  # fmt: skip
+        raise DpormError(f"{doing} needs transformers >= {need}, found {transformers.__version__} (its GGUF reader "
+                         "gets the tokenizer wrong): upgrade transformers, or pull where it is installed and copy "
+                         f"models/{DEFAULT_MODEL} into this cache")  # fmt: skip
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF and save a normal safetensors checkpoint into ``out``."""
+    import transformers
+
+    _require_gguf_reader(f"converting {gguf.name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -139,6 +146,8 @@ def pull_default_model(
         misread = _misread_under(target)
         if misread is None:
             return target
+        _require_gguf_reader(f"{target} was converted under transformers {misread}, which misread its tokenizer; "
+                             "converting it again")  # fmt: skip
         log(f"the cached default model was converted under transformers {misread}, which misread its tokenizer: "
             "converting it again")  # fmt: skip
     require_writable(cache_root(cache_dir), "--cache-dir (or $DPORM_CACHE_DIR)", parents=True, directory=True)

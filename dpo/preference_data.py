@@ -246,6 +246,8 @@ def require_split_applies(source: str, split: str | None) -> None:
 
 def load_rows(source: str, split: str = "train"):
     """Rows of a local JSONL/JSON/Parquet/CSV file (``.gz`` ok), a saved dataset dir, or a hub dataset id."""
+    import zlib
+
     import datasets
 
     path = Path(source).expanduser()
@@ -267,7 +269,7 @@ def load_rows(source: str, split: str = "train"):
         if source.startswith((".", "/", "~")) or path.suffix:
             raise DpormError(f"{source}: no such file or directory")
         return datasets.load_dataset(source, split=split)
-    except (ValueError, OSError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+    except (ValueError, OSError, EOFError, zlib.error, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e  # a generation error wraps the parser's own message
         why = str(cause).splitlines()[0] if str(cause) else f"{type(cause).__name__} (a malformed file?)"
         bad_line = _first_bad_json_line(path) if path.is_file() and ".jsonl" in path.suffixes else None
@@ -275,14 +277,19 @@ def load_rows(source: str, split: str = "train"):
 
 
 def _first_bad_json_line(path: Path) -> str | None:
-    """``line N: why`` for the first line of a JSONL file that is not a JSON object (the parser's own row numbers
-    count from 0 within a block); None when every line parses and there is one at least."""
+    """``line N: why`` for the first line of a JSONL file that is not UTF-8 JSON object (the parser's own row
+    numbers count from 0 within a block); None when every line parses and there is one at least."""
     import gzip
+    import zlib
 
     opener, rows = gzip.open if path.suffix == ".gz" else open, 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"line {n}, column {e.start + 1}: not UTF-8 (byte 0x{raw[e.start]:02x})"
                 if not line.strip():
                     continue
                 rows += 1
@@ -292,8 +299,8 @@ def _first_bad_json_line(path: Path) -> str | None:
                     return f"line {n}, column {e.colno}: not valid JSON ({e.msg})"
                 if not isinstance(record, dict):
                     return f"line {n}: not a JSON object"
-    except (OSError, UnicodeDecodeError) as e:
-        return f"{type(e).__name__}: {e}"
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+        return f"{type(e).__name__}: {e} (a truncated or corrupt file?)"
     return None if rows else "the file is empty (no JSON lines)"
 
 

@@ -153,7 +153,7 @@ def run_train(given: dict) -> Path:
     main = accelerator.is_main_process
     report = _say if main else (lambda msg: None)
     set_seed(c.seed)
-    started = time.time()
+    started, clock = time.time(), time.monotonic()
 
     model_path = resolve_model_path(c.model, c.cache_dir)
     tokenizer = load_tokenizer(model_path, c.trust_remote_code)
@@ -210,6 +210,7 @@ def run_train(given: dict) -> Path:
             log_file,
             output / "tensorboard" if c.tensorboard else None,
             resume_step=None if resume_from is None else int(resume_from.name.split("-")[1]),
+            started=clock,
         )
 
     def log(step: int, metrics: dict, split: str) -> None:

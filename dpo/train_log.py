@@ -14,19 +14,23 @@ CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "re
 
 
 class MetricsLog:
-    """Appends ``{"step", "split", **metrics, "seconds"}`` lines, ``seconds`` since the run started. On resume,
-    lines after ``resume_step`` (written by the interrupted run after its last checkpoint) are dropped first,
-    and ``seconds`` goes on from the last line kept (time spent stopped is not counted)."""
+    """Appends ``{"step", "split", **metrics, "seconds"}`` lines, ``seconds`` since ``started`` (a
+    ``time.monotonic()`` reading: when the run started; default now). On resume, lines after ``resume_step``
+    (written by the interrupted run after its last checkpoint) are dropped first, and ``seconds`` goes on from
+    the last line kept (time spent stopped is not counted)."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None):
-        self.path, self.started, self.offset = path, time.monotonic(), 0.0
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resume_step: int | None = None,
+                 started: float | None = None):  # fmt: skip
+        self.path, self.started, self.offset = path, time.monotonic() if started is None else started, 0.0
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
             kept = [json.loads(line) for line in path.read_text().splitlines()]
             kept = [row for row in kept if row["step"] <= resume_step]
             path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            self.offset = max((row.get("seconds", 0.0) for row in kept), default=0.0)
+            # Older logs timed only evals, under "seconds": their train lines lack it, and count nothing then.
+            if all("seconds" in row for row in kept):
+                self.offset = max((row["seconds"] for row in kept), default=0.0)
         self.writer = None
         if tensorboard_dir is not None:
             try:

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import get_route_path
 
 from dpo import __version__
 from dpo.errors import DpormError
@@ -81,7 +82,9 @@ def create_app(state: State, loader=None) -> FastAPI:
                           "invalid_request_error")  # fmt: skip
         if loc == ("body",) and first.get("type") == "missing":
             return error_response(422, "the request has no body: send a JSON object", "invalid_request_error")
-        where = ".".join(str(p) for p in loc if p != "body" and p not in s.RERANK_DIALECTS)
+        if get_route_path(request.scope) == "/rerank" and loc[1:2] and loc[1] in s.RERANK_DIALECTS:
+            loc = loc[:1] + loc[2:]  # /rerank's union tag: not a field
+        where = ".".join(str(p) for p in loc if p != "body")
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         return error_response(422, f"{where}: {message}" if where else message, "invalid_request_error")
 

@@ -166,11 +166,12 @@ class RerankRequest(ScoringOptions):
     return_documents: StrictBool | None = Field(None, description="each result's document too; none: false")
     model: str | None = None
     max_tokens_per_doc: StrictInt | None = Field(
-        None, ge=1, description="Cohere v2: each document cut to its first N tokens (implies truncate)"
+        None, ge=1, description="Cohere v2: each document cut to its first N tokens (implies truncate_response)"
     )
     truncate_prompt_tokens: StrictInt | None = Field(
-        None, ge=-1, description="vLLM: each sequence cut to at most N tokens, -1: to max_length (implies "
-        "truncate_response); the query is cut from the left first, then the document from the right",
+        None, description="vLLM: sequences cut to at most N tokens (N >= 2), -1: to max_length (implies "
+        "truncate_response); the query is cut from the left first, once for all documents, then a document "
+        "from the right",
     )  # fmt: skip
     use_activation: StrictBool | None = Field(None, description="vLLM: true gives σ(reward) as relevance_score")
     priority: StrictInt | None = Field(None, description="accepted and ignored: one queue, first come first served")
@@ -183,10 +184,10 @@ class RerankRequest(ScoringOptions):
             raise ValueError("give exactly one of 'query' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
-        if self.truncate_prompt_tokens == 0:
-            raise ValueError("truncate_prompt_tokens must be -1 or at least 1")
-        self.truncate = self.truncate or self.max_tokens_per_doc is not None
-        self.truncate_response = self.truncate_response or self.truncate_prompt_tokens is not None
+        if self.truncate_prompt_tokens not in (None, -1) and self.truncate_prompt_tokens < 2:  # a prompt and a response
+            raise ValueError(f"truncate_prompt_tokens must be -1 or at least 2, got {self.truncate_prompt_tokens}")
+        cap = self.truncate_prompt_tokens is not None or self.max_tokens_per_doc is not None
+        self.truncate_response = self.truncate_response or cap  # the client accepts cut documents: no 413
         return self
 
     def length_cap(self) -> int | None:

@@ -9,6 +9,7 @@ from dpo import default_model
 from dpo.cli import main
 from dpo.default_model import MARKER, pull_default_model
 from dpo.encoding import encode
+from dpo.errors import DpormError
 from dpo.logprobs import sequence_logprobs
 from dpo.models import load_model
 
@@ -42,6 +43,17 @@ def test_a_checkpoint_converted_by_a_misreading_transformers_is_converted_again(
     for unknown in ("{}", "[]", '{"transformers": "dev"}'):  # no usable record: the checkpoint is trusted
         (target / MARKER).write_text(unknown)
         assert pull_default_model(cache, log=logs.append) == target and len(calls) == 3
+    import transformers
+
+    (target / MARKER).write_text(json.dumps(source | {"transformers": "5.10.0"}))
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")  # converting again would misread it too
+    with pytest.raises(
+        DpormError,
+        match=r"converted under transformers 5\.10\.0, which misread its tokenizer; "
+        r"converting it again needs transformers >= 5\.18, found 5\.17\.0",
+    ):
+        pull_default_model(cache, log=logs.append)
+    assert len(calls) == 3  # refused before fetching or converting anything
 
 
 @integration

@@ -172,14 +172,35 @@ ROW = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
     ("{bad json\n", r"line 1, column 2: not valid JSON \(Expecting property name"), ("", "the file is empty"),
     (f"{ROW}\n\n{ROW}\nnot json\n{ROW}\n", r"line 4, column 1: not valid JSON"),  # numbered from 1, blanks too
     (f"{ROW}\n[1, 2]\n", "line 2: not a JSON object"),
+    (f"{ROW}\nnot json\n{ROW}\n" + '{"prompt": "caf\xe9"}\n', "line 2, column 1: not valid JSON"),  # byte later
 ])  # fmt: skip
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_malformed_data_files_are_one_line_errors_naming_the_line(tmp_path, text, reason, suffix):
     import gzip
 
     path = tmp_path / f"rows{suffix}"
-    path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+    data = text.encode("latin-1" if "\xe9" in text else "utf-8")  # é as one byte: not UTF-8
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
     with pytest.raises(DpormError, match=reason):
+        load_rows(str(path))
+
+
+def test_the_scan_for_a_bad_line_names_a_byte_that_is_not_utf8(tmp_path):
+    from dpo.preference_data import _first_bad_json_line
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(ROW.encode() + b'\n{"prompt": "caf\xe9"}\nnot json\n')
+    assert _first_bad_json_line(path) == "line 2, column 16: not UTF-8 (byte 0xe9)"
+    path.write_bytes(ROW.encode() + b"\n")
+    assert _first_bad_json_line(path) is None
+
+
+def test_a_truncated_gz_is_a_one_line_error(tmp_path):
+    import gzip
+
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(gzip.compress((ROW + "\n").encode() * 200)[:-30])
+    with pytest.raises(DpormError, match="cannot load .*rows.jsonl.gz: "):
         load_rows(str(path))
 
 

@@ -38,6 +38,8 @@ def test_cohere_v2_fields_are_understood(reward_model):
         assert capped.json()["usage"]["total_tokens"] == len(whole[0].prompt_ids) + 3 * 4
         long = c.post("/v2/rerank", json={**body, "documents": [LONG], "max_tokens_per_doc": 8})
         assert long.status_code == 200  # cut to fit: no 413, as Cohere truncates rather than refuses
+        default = c.post("/v2/rerank", json={**body, "documents": [LONG], "max_tokens_per_doc": 4096})  # Cohere's
+        assert default.status_code == 200 and default.json()["usage"]["total_tokens"] == reward_model.max_length
         assert c.post("/v2/rerank", json={**body, "max_tokens_per_doc": 0}).status_code == 422
 
 
@@ -55,7 +57,13 @@ def test_vllm_fields_are_understood(reward_model):
         assert cut["usage"]["total_tokens"] == k
         assert c.post("/v1/rerank", json={**body, "documents": [LONG]}).status_code == 413
         assert c.post("/v1/rerank", json={**body, "documents": [LONG], "truncate_prompt_tokens": -1}).status_code == 200
-        assert c.post("/v1/rerank", json={**body, "truncate_prompt_tokens": 0}).status_code == 422
+        for k in (0, 1, -2):
+            refused = c.post("/v1/rerank", json={**body, "truncate_prompt_tokens": k}).json()["error"]
+            assert refused["code"] == 422 and f"must be -1 or at least 2, got {k}" in refused["message"]
+        huge = c.post("/v1/rerank", json={**body, "documents": [LONG], "truncate_prompt_tokens": 10**6}).json()
+        assert huge["usage"]["total_tokens"] == reward_model.max_length  # the model's own limit still holds
+        bare = c.post("/v1/rerank", json={**body, "return_documents": None}).json()["results"][0]
+        assert "document" not in bare  # null: the default, false
 
 
 def test_rerank_without_v1_serves_both_dialects_by_body(reward_model):
@@ -69,6 +77,8 @@ def test_rerank_without_v1_serves_both_dialects_by_body(reward_model):
         assert missing["code"] == 422 and missing["message"].startswith("texts: ")  # no union tag in the place
         typo = c.post("/rerank", json={"query": PROMPT, "documents": DOCS, "top_k": 1}).json()["error"]
         assert typo["code"] == 422 and typo["message"].startswith("top_k: ")
+        named_like_a_tag = c.post("/v1/rerank", json={"query": PROMPT, "documents": DOCS, "tei": 1}).json()["error"]
+        assert named_like_a_tag["message"].startswith("tei: ")  # only /rerank's union tag leaves the location
 
 
 def test_tei_dialect_ignores_unknown_fields_and_truncates_like_tei(reward_model):
@@ -101,7 +111,8 @@ def test_the_api_key_holds_under_a_path_prefix(reward_model, how):
         assert c.post("/api/v1/rerank", json=body).status_code == 401
         assert c.get("/api/info").status_code == 401
         assert c.post("/api/v1/rerank", json=body, headers=key).status_code == 200
-        assert c.get("/api/health").status_code == 200  # probes stay open
+        assert c.get("/api/health").status_code == 200  # probes stay open, and the API's documentation
+        assert c.get("/api/docs").status_code == c.get("/api/openapi.json").status_code == 200
         assert c.get("/api/nowhere").status_code == 401  # every path but the open ones needs the key
         assert c.get("/api/nowhere", headers=key).status_code == 404
         metrics = c.get("/api/metrics").text

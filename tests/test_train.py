@@ -92,7 +92,7 @@ def test_lora_run_writes_artifact_metrics_and_curves(tiny_model_dir, tmp_path):
     assert [r["step"] for r in evals] == [0, 3] and evals[0]["rewards/margins"] == 0.0
     elapsed = [r["seconds"] for r in records]  # since the run started, on every line
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
-    assert all(0 < r["eval_seconds"] <= r["seconds"] for r in evals)
+    assert all(0 < r["eval_seconds"] < r["seconds"] for r in evals)  # from the run's start: loading counts too
     assert manifest.metrics["eval"]["rewards/accuracies_ci95_low"] <= manifest.metrics["eval"]["rewards/accuracies"]
 
 
@@ -177,9 +177,15 @@ def test_bf16_autocast_trains_fp32_master_weights(tiny_model_dir, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # the adapter was updated
 
 
-def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path):
+def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path, capsys):
+    tied = {"prompt": "Describe rain briefly.", "responses": ["Rain is wet.", "Rain falls.", "No."],
+            "scores": [2.0, 2.0, 1.0]}  # fmt: skip
+    data = tmp_path / "rankings.jsonl"
+    data.write_text(json.dumps(tied) + "\n" + Path(RANKINGS).read_text())
     manifest = train(tiny_model_dir, tmp_path / "run", "--max-steps", 2, "--loss", "plackett_luce",
-                     "--batch-size", 2, data=RANKINGS)  # fmt: skip
+                     "--batch-size", 2, data=data)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "skipped 1 ranking(s) with tied scores" in err and "8 training and 0 eval examples" in err
     first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert first["pairs"] == 6  # 2 rankings of 3 responses: 3 pairs each, 3 sequences each
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)  # log 3! at init
@@ -278,14 +284,19 @@ def _base_args(model, output):
 def test_a_resumed_log_counts_seconds_on_from_its_last_kept_line(tmp_path, monkeypatch):
     from dpo import train_log
 
-    clock = iter([100.0, 107.5, 200.0, 203.0])  # monotonic readings: open, write; reopen, write
+    clock = iter([107.5, 200.0, 203.0])  # monotonic readings: a write; reopen, a write
     monkeypatch.setattr(train_log.time, "monotonic", lambda: next(clock))
     path = tmp_path / "metrics.jsonl"
-    train_log.MetricsLog(path).write(1, {"loss": 0.5})
+    train_log.MetricsLog(path, started=100.0).write(1, {"loss": 0.5})  # the run started at 100
     with path.open("a") as f:  # written after the last checkpoint by the interrupted run: dropped on resume
         f.write('{"step": 2, "split": "train", "loss": 0.4, "seconds": 50.0}\n')
     train_log.MetricsLog(path, resume_step=1).write(2, {"loss": 0.3})
     assert [(r["step"], r["seconds"]) for r in read_metrics(path)] == [(1, 7.5), (2, 10.5)]
+    old = '{"step": 0, "split": "eval", "loss": 0.69, "seconds": 4.0}\n{"step": 1, "split": "train", "loss": 0.5}\n'
+    path.write_text(old)  # an older log: "seconds" only on evals, as their duration
+    clock = iter([10.0, 12.0])
+    train_log.MetricsLog(path, resume_step=1).write(2, {"loss": 0.3})
+    assert read_metrics(path)[-1]["seconds"] == 2.0  # counted from this process: no offset from an eval's duration
 
 
 def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
