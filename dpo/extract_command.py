@@ -214,7 +214,9 @@ def _extract_delta(args, manifest: Manifest, tokenizer, models: list, output: Pa
     manifest.metrics["delta"] = delta = report.to_dict()
     errors, memory = delta["relative_frobenius_error"], delta["memory_bytes"]
     ranks = delta["ranks"]
-    if report.rank == "auto":
+    if not delta["layers"]:  # only norms differ: nothing to factor
+        chosen = f"{report.rank} (no linear layer differs)"
+    elif report.rank == "auto":
         chosen = f"auto (energy {report.energy}, ranks {ranks['min']}–{ranks['max']}, mean {ranks['mean']:.1f})"
     elif ranks["min"] != report.rank or ranks["max"] != report.rank:  # capped at min(m, n) per layer
         chosen = f"{report.rank} (per layer at most its smaller side: ranks {ranks['min']}–{ranks['max']})"

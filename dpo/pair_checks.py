@@ -15,7 +15,8 @@ TOKENIZER_PROBE = "Hello, World! It's 1234.5 ünïcödé  spaces\n\ttabs <end> �
 
 def check_tokenizers_match(a, b, a_name: str, b_name: str) -> None:
     """One-line error unless two tokenizers encode alike: vocabulary, special tokens, chat template, and
-    the ids of a probe text with and without special tokens (BOS/EOS settings, normalizer, merges).
+    the ids of a probe text (normalizer, merges), and with special tokens too (BOS/EOS settings) where there is no
+    chat template (with one, the template places them).
 
     The pad token is not compared: it never enters a scored sequence (sequences are packed, or padded
     and masked), and DPO trainers often set one on the policy's tokenizer.

@@ -214,6 +214,16 @@ class _Linear:
         return y_ref, delta
 
 
+def _as_seen(norm, reference: bool):
+    """A norm as the reference or the policy sees it. PEFT keeps a norm an adapter changes (``dporm extract
+    --delta-rank`` stores norms so) as ``modules_to_save``: the base's own copy is the reference's."""
+    if not hasattr(norm, "modules_to_save"):
+        return norm
+    if reference or norm.disable_adapters or not norm.active_adapters:
+        return norm.original_module
+    return norm.modules_to_save[norm.active_adapters[0]]
+
+
 @dataclass
 class _Norms:
     """One RMSNorm of each model: float32 weights and the epsilon."""
@@ -224,6 +234,7 @@ class _Norms:
 
     @classmethod
     def of(cls, ref, pol) -> _Norms:
+        ref, pol = _as_seen(ref, reference=True), _as_seen(pol, reference=False)
         if ref.variance_epsilon != pol.variance_epsilon:
             raise DpormError(f"{PAIRED}: policy and reference norms have different epsilons")
         return cls(ref.weight.detach().float(), pol.weight.detach().float(), ref.variance_epsilon)

@@ -251,7 +251,15 @@ def test_full_rank_delta_reproduces_the_rewards_and_norms(models, tmp_path, caps
     assert d["relative_frobenius_error"]["max"] < 1e-5 and d["adapter_parameters"] > 0
     mem = d["memory_bytes"]
     assert mem["saved"] == mem["policy_plus_reference"] - mem["reference_plus_adapter"]
+    reference_bytes = sum(t.numel() * 4 for t in load_file(f"{models['reference']}/model.safetensors").values())
+    assert mem["policy_plus_reference"] == 2 * reference_bytes  # same shapes, untied, float32
+    assert mem["reference_plus_adapter"] == reference_bytes + 4 * d["adapter_parameters"]  # factors and norms too
     assert "memory: policy+reference" in capsys.readouterr().err
+    saved = load_file(str(tmp_path / "delta-full-64" / "policy" / "adapter_model.safetensors"))
+    for name, a in saved.items():  # B = U·√S and A = √S·Vᵀ: the singular values split evenly, ‖B‖ = ‖A‖
+        if "lora_A" in name:
+            b = saved[name.replace("lora_A", "lora_B")]
+            assert b.norm() == pytest.approx(a.norm().item(), rel=1e-3), name
 
 
 def test_exact_rank2_delta_with_k2_and_fidelity(models, tmp_path):
@@ -432,3 +440,51 @@ def test_memory_baseline_counts_an_untied_but_equal_vocabulary_once():
     with torch.no_grad():
         policy.lm_head.weight.add_(1.0)  # the head really differs: both matrices count
     assert _policy_bytes(policy, reference) == parameter_bytes(policy)
+
+
+def test_fidelity_by_hand():
+    """Three pairs and one that cannot be encoded, hand-picked rewards; expected values derived below."""
+    from types import SimpleNamespace
+
+    from dpo.errors import EncodingError
+    from dpo.fidelity import reward_fidelity
+
+    class Fake:  # encodes a response as itself; scores it from a table
+        def __init__(self, table):
+            self.table = table
+
+        def encode(self, prompt, response):
+            if response == "too long":
+                raise EncodingError("too long")
+            return response
+
+        def score_encoded(self, seqs):
+            return [SimpleNamespace(reward=self.table[s]) for s in seqs]
+
+    exact = Fake({"c1": 1.0, "r1": 0.0, "c2": 0.5, "r2": 2.0, "c3": 3.0, "r3": -1.0})
+    approx = Fake({"c1": 0.9, "r1": 0.1, "c2": 2.5, "r2": 2.0, "c3": 30.0, "r3": -1.0})
+    pairs = [("p", "c1", "r1"), ("p", "c2", "r2"), ("p", "too long", "r1"), ("p", "c3", "r3")]
+    got = reward_fidelity(exact, approx, pairs, batch_size=2, show_progress=False)
+    # Decisions: exact c1>r1, c2<r2, c3>r3; approx c1>r1, c2>r2, c3>r3 → 2 of 3 agree; accuracies 2/3 and 3/3.
+    # Ranks of (1, 0, 0.5, 2, 3, −1) are (4, 2, 3, 5, 6, 1); of (0.9, 0.1, 2.5, 2, 30, −1) (3, 2, 5, 4, 6, 1):
+    # Σd² = 1 + 0 + 4 + 1 + 0 + 0 = 6, ρ = 1 − 6·6/(6·35) = 29/35 (Pearson of the raw values is 0.77).
+    # |errors| = 0.1, 0.1, 2, 0, 27, 0: max 27, mean 29.2/6.
+    assert got["pairs"] == 3 and got["skipped"] == 1
+    assert got["agreement"] == pytest.approx(2 / 3) and got["spearman"] == pytest.approx(29 / 35)
+    assert got["exact_accuracy"] == pytest.approx(2 / 3) and got["approx_accuracy"] == 1.0
+    assert got["reward_abs_error_max"] == pytest.approx(27) and got["reward_abs_error_mean"] == pytest.approx(29.2 / 6)
+
+
+def test_vocabularies_of_one_size_with_other_tokens_differ():
+    from dpo.errors import DpormError
+    from dpo.pair_checks import check_tokenizers_match
+
+    class Vocab:  # only the vocabulary is read before the mismatch is found
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    with pytest.raises(DpormError, match=r"do not share a vocabulary \(same size, different tokens\)"):
+        check_tokenizers_match(Vocab({"a": 0, "b": 1}), Vocab({"a": 0, "c": 1}), "policy", "reference")

@@ -116,3 +116,38 @@ def test_a_rank_past_break_even_is_capped_per_layer_and_warned(tied, tmp_path, c
     assert "delta rank 100000 (per layer at most its smaller side: ranks" in err
     ranks = Manifest.load(tmp_path / "big").metrics["delta"]["ranks"]
     assert ranks["max"] < 100000
+
+
+def test_a_delta_that_stores_norms_runs_paired_with_the_reference_norms(smollm_tokenizer, tmp_path, monkeypatch):
+    """Norms an adapter changes are PEFT ``modules_to_save``: bf16-paired must give the base's copy to π_ref."""
+    monkeypatch.setenv(COMPILE_VARIABLE, "0")
+    reference = make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512)
+    policy = make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        policy.model.layers[0].input_layernorm.weight.mul_(1.5)
+        policy.model.norm.weight.mul_(0.7)
+        policy.model.layers[1].mlp.down_proj.weight.add_(0.05)
+    ref_path = _save(reference, smollm_tokenizer, tmp_path / "ref")
+    pol_path = _save(policy, smollm_tokenizer, tmp_path / "pol")
+    assert extract(pol_path, ref_path, tmp_path / "delta", "--delta-rank", "2") == 0
+    want = rewards(load_reward_model(policy=pol_path, reference=ref_path, beta=0.5, device="cpu"))
+    assert rewards(load_reward_model(str(tmp_path / "delta"), device="cpu")) == pytest.approx(want, abs=1e-5)
+    paired = rewards(load_reward_model(str(tmp_path / "delta"), device="cpu", dtype="bf16-paired"))
+    assert max(abs(r) for r in want) > 0.05  # with the policy's norms for π_ref too, they were 0.02-0.08 off
+    assert paired == pytest.approx(want, abs=2e-3)
+
+
+def test_a_delta_of_norms_only_is_stored_whole_and_said_so(smollm_tokenizer, tmp_path, capsys):
+    reference = make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512)
+    policy = make_tiny_llama(vocab_size=len(smollm_tokenizer), max_position_embeddings=512)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(0.5)
+    ref_path = _save(reference, smollm_tokenizer, tmp_path / "ref")
+    pol_path = _save(policy, smollm_tokenizer, tmp_path / "pol")
+    assert extract(pol_path, ref_path, tmp_path / "delta", "--delta-rank", "2") == 0
+    assert "delta rank 2 (no linear layer differs): 0 linear layers" in capsys.readouterr().err
+    want = rewards(load_reward_model(policy=pol_path, reference=ref_path, beta=0.5, device="cpu"))
+    assert max(abs(r) for r in want) > 0.01
+    assert rewards(load_reward_model(str(tmp_path / "delta"), device="cpu")) == pytest.approx(want, abs=1e-5)
