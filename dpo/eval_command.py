@@ -64,11 +64,10 @@ def make_backend(args: argparse.Namespace, mode: ScoreMode):
 
         return ServerBackend(args.server, mode, args.api_key, max_retries=args.max_retries, timeout=args.timeout)
     from dpo.eval_backend import OfflineBackend
-    from dpo.scorer import load_reward_model
+    from dpo.scorer import reward_model_from_args
 
     beta = args.beta if args.beta is not None or not (args.reference_free and args.policy) else 1.0
-    model = load_reward_model(args.artifact, args.policy, args.reference, beta, args.dtype, args.device,
-                              args.trust_remote_code, args.allow_pickle)  # fmt: skip
+    model = reward_model_from_args(args, beta=beta)
     return OfflineBackend(model, mode, getattr(args, "rewardbench_compat", False), args.max_length, args.recheck)
 
 

@@ -28,7 +28,7 @@ def _fields(row: dict) -> tuple[str, ...] | None:
 def run_score(args: argparse.Namespace) -> None:
     from dpo.models import resolve_device, resolve_dtype
     from dpo.preference_data import load_rows, require_split_applies
-    from dpo.scorer import load_reward_model
+    from dpo.scorer import reward_model_from_args
     from dpo.trainer import wilson_interval
 
     require_at_least(args, ("batch_size", "limit"))
@@ -55,17 +55,7 @@ def run_score(args: argparse.Namespace) -> None:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         print(f"skipped {len(bad)} record(s) without a string or messages 'prompt' and {'/'.join(kind)} strings: "
               f"row(s) {', '.join(bad[:3])}{more}", file=sys.stderr)  # fmt: skip
-    model = load_reward_model(
-        args.artifact,
-        args.policy,
-        args.reference,
-        args.beta,
-        args.dtype,
-        args.device,
-        args.trust_remote_code,
-        args.allow_pickle,
-        normalize=args.normalize,
-    )
+    model = reward_model_from_args(args, normalize=args.normalize)
     encoded, failed, too_long = {}, [], 0
     for i in usable:
         try:

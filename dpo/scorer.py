@@ -389,3 +389,12 @@ def load_reward_model(
         info,
         paired,
     )
+
+
+def reward_model_from_args(args, **options) -> RewardModel:
+    """The reward model named by the shared command-line options (:func:`dpo.manifest.add_reward_model_options`);
+    ``options`` are further :func:`load_reward_model` keywords (``beta`` overrides ``args.beta``)."""
+    options.setdefault("beta", args.beta)
+    return load_reward_model(args.artifact, args.policy, args.reference, dtype=args.dtype, device=args.device,
+                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                             **options)  # fmt: skip

@@ -44,7 +44,7 @@ class DrainingServer(uvicorn.Server):
 def run_serve(args: argparse.Namespace) -> None:
     from dpo.manifest import Manifest
     from dpo.models import PAIRED, resolve_device, resolve_dtype
-    from dpo.scorer import load_reward_model
+    from dpo.scorer import reward_model_from_args
 
     resolve_dtype(args.dtype), resolve_device(args.device)
     if args.artifact:
@@ -80,17 +80,7 @@ def run_serve(args: argparse.Namespace) -> None:
     state = State(limits, api_key, args.recheck)
 
     def loader():
-        model = load_reward_model(
-            args.artifact,
-            args.policy,
-            args.reference,
-            args.beta,
-            args.dtype,
-            args.device,
-            args.trust_remote_code,
-            args.allow_pickle,
-            args.ref_cache_size,
-        )
+        model = reward_model_from_args(args, ref_cache_size=args.ref_cache_size)
         model.warm_up()
         return model
 
