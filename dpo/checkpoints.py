@@ -1,7 +1,7 @@
 """Training checkpoints: atomic (written to a temp dir, then renamed), the last K kept, exact resume.
 
 A checkpoint ``checkpoints/step-000120/`` holds the trainable weights (``trainable.safetensors``),
-``optimizer.pt``, ``scheduler.pt``, one ``rng-<rank>.pt`` per process and ``state.json``
+``optimizer.pt``, ``scheduler.pt``, ``scaler.pt`` (fp16), one ``rng-<rank>.pt`` per process and ``state.json``
 (step, config). Everything else a run needs is a pure function of the config and the step.
 """
 
@@ -38,8 +38,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep: int) -> Path:  # fmt: skip
-    """Write step ``step`` (main process); drop all but the newest ``keep``. Returns the final path."""
+                    state: dict, keep: int, scaler=None) -> Path:  # fmt: skip
+    """Write step ``step`` (main process); drop all but the newest ``keep``. Returns the final path.
+
+    ``scaler``: fp16's gradient scaler, if any; its scale decides which steps are skipped, so it is saved too."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output)
@@ -51,6 +53,8 @@ def save_checkpoint(output: Path, step: int, trainable: dict[str, torch.Tensor],
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng-0.pt")  # the main process's; other ranks add theirs after the rename
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if final.exists():
@@ -75,8 +79,9 @@ def list_checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns ``state.json``."""
+def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, scheduler, rank: int,
+                    scaler=None) -> dict:  # fmt: skip
+    """Restore weights, optimizer, scheduler, fp16's gradient scaler and this process's RNG; returns ``state.json``."""
     from safetensors.torch import load_file
 
     try:
@@ -84,6 +89,8 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer, s
         state = json.loads((path / "state.json").read_text())
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if scaler is not None and (path / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng_file = path / f"rng-{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:

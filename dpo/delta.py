@@ -53,13 +53,16 @@ BOOKKEEPING_KEYS = frozenset({
 })  # fmt: skip
 
 
-def config_differences(policy: dict, reference: dict) -> list[str]:
-    """``key policy-value vs reference-value`` for each config field that differs and may change the forward.
+def forward_config(config: dict) -> dict:
+    """The config fields that may change an eval-mode forward: no :data:`BOOKKEEPING_KEYS`, no dropout rates
+    (``*dropout``, ``*pdrop``, inactive in eval mode)."""
+    return {k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS and not k.endswith(("dropout", "pdrop"))}
 
-    Dropout rates (``*dropout``, ``*pdrop``) are inactive in eval mode and ignored, like :data:`BOOKKEEPING_KEYS`.
-    """
-    keys = sorted(k for k in set(policy) | set(reference)
-                  if k not in BOOKKEEPING_KEYS and not k.endswith(("dropout", "pdrop")))  # fmt: skip
+
+def config_differences(policy: dict, reference: dict) -> list[str]:
+    """``key policy-value vs reference-value`` for each :func:`forward_config` field that differs."""
+    policy, reference = forward_config(policy), forward_config(reference)
+    keys = sorted(set(policy) | set(reference))
     return [f"{k} {policy.get(k)!r} vs {reference.get(k)!r}" for k in keys if policy.get(k) != reference.get(k)]
 
 

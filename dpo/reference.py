@@ -78,7 +78,7 @@ def unique_sequences(examples: Sequence[EncodedExample]) -> list[Encoded]:
 
 def cache_key(data_fingerprint: str, reference_hash: str, tokenization: dict) -> str:
     """The cache entry name: what the log-probs depend on, and nothing else."""
-    blob = json.dumps([CACHE_FORMAT, data_fingerprint, reference_hash, tokenization], sort_keys=True)
+    blob = json.dumps([CACHE_FORMAT, data_fingerprint, reference_hash, tokenization], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

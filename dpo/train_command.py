@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from dpo import __version__
 from dpo.batching import encode_examples
 from dpo.checkpoints import list_checkpoints, load_checkpoint
+from dpo.delta import forward_config
 from dpo.errors import DpormError, require_writable
 from dpo.file_modes import match_umask
 from dpo.manifest import Manifest
@@ -114,6 +116,29 @@ def _check_same_run(checkpoint: Path, trainer: Trainer) -> None:
         raise DpormError(f"--resume: the run planned {state['total_steps']} steps, this one {now['total_steps']}")
 
 
+def _fit_context(c: TrainConfig, explicit: set[str], paths: set[str]) -> TrainConfig:
+    """--max-length within every model's context, where the scorer would cut it (the reward served would then
+    differ from the one trained): a default past it is lowered to it, a value given past it is refused."""
+    from transformers import AutoConfig
+
+    from dpo.models import context_length
+
+    limits = {}
+    for path in sorted(paths):
+        try:
+            limits[path] = context_length(AutoConfig.from_pretrained(path, trust_remote_code=c.trust_remote_code))
+        except (OSError, ValueError):  # no readable config: loading the model reports it
+            continue
+    path, limit = min(((p, n) for p, n in limits.items() if n is not None), key=lambda x: x[1], default=(None, None))
+    if limit is None or c.max_length <= limit:
+        return c
+    if "max_length" in explicit:
+        raise DpormError(f"--max-length {c.max_length} exceeds the context of {path} ({limit} positions); "
+                         f"pass --max-length {limit} or less")  # fmt: skip
+    _say(f"--max-length {limit}: the model's context (the default {c.max_length} is past it)")
+    return dataclasses.replace(c, max_length=limit)
+
+
 def _same_path(a: str | None, b: str | None) -> bool:
     """Whether two spellings name one existing local file or directory (relative to this working directory)."""
     try:
@@ -130,14 +155,20 @@ def run_train(given: dict) -> Path:
     from dpo.default_model import cache_root
     from dpo.logprobs_command import resolve_model_path
 
-    c, _ = build_config(given)
+    c, explicit = build_config(given)
     if c.dtype in (MIXED, PAIRED):
         raise DpormError(f"--dtype {c.dtype} is for scoring; train with --mixed-precision bf16 (fp32 master weights)")
     dtype, device = resolve_dtype(c.dtype), resolve_device(c.device)
+    if c.mixed_precision == "fp16" and device.type == "cpu":  # accelerate sets up no fp16 autocast on a CPU
+        raise DpormError("--mixed-precision fp16 does nothing on a CPU (no fp16 autocast there); use bf16")
     output = Path(c.output).expanduser()
     require_writable(output, parents=True, directory=True)
     if c.ref_cache_dir:
         require_writable(c.ref_cache_dir, "--ref-cache-dir", parents=True, directory=True)
+    model_path = resolve_model_path(c.model, c.cache_dir)
+    reference_path = None if c.reference_free else (resolve_model_path(c.reference, c.cache_dir)
+                                                    if c.reference else model_path)  # fmt: skip
+    c = _fit_context(c, explicit, {model_path, reference_path} - {None})  # before the resume check compares it
     resume_from = _check_output(c, output)
     if resume_from is not None:
         _check_resumable(resume_from, c)
@@ -155,7 +186,6 @@ def run_train(given: dict) -> Path:
     set_seed(c.seed)
     started, clock = time.time(), time.monotonic()
 
-    model_path = resolve_model_path(c.model, c.cache_dir)
     tokenizer = load_tokenizer(model_path, c.trust_remote_code)
     train_data, eval_data = _load_data(c, report)
     train, train_data = _encode_train(c, tokenizer, train_data, report)
@@ -165,13 +195,14 @@ def run_train(given: dict) -> Path:
     report(f"{len(train)} training and {len(evaluation)} eval examples")
 
     model = load_model(model_path, c.dtype, str(accelerator.device), c.trust_remote_code, c.allow_pickle)
-    reference_path = None if c.reference_free else (resolve_model_path(c.reference, c.cache_dir)
-                                                    if c.reference else model_path)  # fmt: skip
     separate_reference = reference_path is not None and reference_path != model_path
     ref_model = None
     if separate_reference:
         ref_model = load_model(reference_path, c.dtype, str(accelerator.device), c.trust_remote_code, c.allow_pickle)
-    ref_hash = weights_hash(ref_model if separate_reference else model) if reference_path else None
+    initial_reference = ref_model if separate_reference else model
+    ref_hash = weights_hash(initial_reference) if reference_path else None
+    # The reference's forward depends on its config too (rope, norm epsilons): part of the cache key.
+    ref_config = forward_config(initial_reference.config.to_dict()) if reference_path else None
 
     model.train()
     if c.finetune == "lora":
@@ -195,7 +226,8 @@ def run_train(given: dict) -> Path:
         reference = model_reference(copy.deepcopy(model).eval().requires_grad_(False))
     if c.precompute_ref:
         fingerprint = PreferenceData(train_data.examples + eval_data.examples).fingerprint()
-        key = cache_key(fingerprint, ref_hash, {**tokenization, "dtype": str(dtype), "amp": c.mixed_precision})
+        key = cache_key(fingerprint, ref_hash, {**tokenization, "dtype": str(dtype), "amp": c.mixed_precision,
+                                                "config": ref_config})  # fmt: skip
         cache_file = Path(c.ref_cache_dir or cache_root(c.cache_dir) / "ref-logps").expanduser() / f"{key}.safetensors"
         with accelerator.main_process_first(), accelerator.autocast():
             reference, cache_hit = precomputed_reference(reference, train + evaluation, cache_file, c.batch_size,
@@ -234,7 +266,7 @@ def run_train(given: dict) -> Path:
     if resume_from is not None:
         _check_same_run(resume_from, trainer)
         state = load_checkpoint(resume_from, trainer.trainable(), trainer.optimizer, trainer.scheduler,
-                                accelerator.process_index)  # fmt: skip
+                                accelerator.process_index, accelerator.scaler)  # fmt: skip
         start_step = state["step"]
         report(f"resuming from {resume_from} (step {start_step} of {trainer.schedule.total_steps})")
     final = trainer.fit(output, start_step)

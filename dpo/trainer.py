@@ -281,7 +281,7 @@ class Trainer:
                 if acc.is_main_process:
                     state = {"config": c.to_dict(), "total_steps": total, "paths": local_paths(c), **self.run_identity}
                     save_checkpoint(output, done, self.trainable(), self.optimizer, self.scheduler, state,
-                                    c.keep_checkpoints)  # fmt: skip
+                                    c.keep_checkpoints, acc.scaler)  # fmt: skip
                 acc.wait_for_everyone()
                 if not acc.is_main_process:
                     save_rng(checkpoint_root(output) / f"step-{done:06d}", acc.process_index)

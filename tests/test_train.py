@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,9 +135,22 @@ def test_full_finetune_frozen_copy_equals_precomputed_reference_and_cache_is_reu
         assert run.metrics["eval"]["loss"] == pytest.approx(frozen.metrics["eval"]["loss"], abs=1e-6)
     a, b = trained_state(tmp_path / "frozen"), trained_state(tmp_path / "pre2")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    # Another tokenization setting is another cache entry.
+    # Another tokenization setting, eval set, autocast or reference config (same weights) is another cache entry.
     train(tiny_model_dir, tmp_path / "pre3", *common, "--precompute-ref", "--ref-cache-dir", cache, "--max-length", 100)
     assert len(list(cache.iterdir())) == 2
+    fewer = train(tiny_model_dir, tmp_path / "pre4", *common, "--precompute-ref", "--ref-cache-dir", cache,
+                  "--limit", 8)  # fmt: skip  # other rows (another --eval-size alone splits the same rows otherwise)
+    assert not fewer.provenance["reference_cache_hit"]
+    amp = train(tiny_model_dir, tmp_path / "pre5", *common, "--precompute-ref", "--ref-cache-dir", cache,
+                "--mixed-precision", "bf16")  # fmt: skip
+    assert not amp.provenance["reference_cache_hit"]
+    rope = tmp_path / "rope"
+    shutil.copytree(tiny_model_dir, rope)
+    config = json.loads((rope / "config.json").read_text())
+    rope_parameters = {**config["rope_parameters"], "rope_theta": 100.0}  # same weights, other positions
+    (rope / "config.json").write_text(json.dumps({**config, "rope_parameters": rope_parameters}))
+    moved = train(str(rope), tmp_path / "pre6", *common, "--precompute-ref", "--ref-cache-dir", cache)
+    assert not moved.provenance["reference_cache_hit"] and len(list(cache.iterdir())) == 5
 
 
 def test_lora_adapter_off_reference_equals_precomputed(tiny_model_dir, tmp_path):
@@ -299,6 +313,22 @@ def test_a_resumed_log_counts_seconds_on_from_its_last_kept_line(tmp_path, monke
     assert read_metrics(path)[-1]["seconds"] == 2.0  # counted from this process: no offset from an eval's duration
 
 
+def test_the_fp16_gradient_scaler_is_checkpointed(tmp_path):
+    from dpo.checkpoints import load_checkpoint, save_checkpoint
+
+    weight = torch.ones(2)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale is set up on first use
+    scaler.update(512.0)  # as after overflow backoffs: the scale a resume must continue from
+    path = save_checkpoint(tmp_path, 3, {"w": weight}, optimizer, scheduler, {}, keep=1, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    assert load_checkpoint(path, {"w": weight}, optimizer, scheduler, 0, fresh)["step"] == 3
+    assert fresh.get_scale() == 512.0
+    load_checkpoint(path, {"w": weight}, optimizer, scheduler, 0)  # no scaler (bf16, fp32): none restored
+
+
 def test_killed_run_resumes_exactly(tiny_model_dir, tmp_path):
     """SIGKILL after the first checkpoint, then --resume: same weights and loss as an uninterrupted run."""
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -349,6 +379,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir, tmp_
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "-1"], "--lr must be a positive finite number, got -1"),
         (["--beta", "0"], "--beta must be a positive finite number, got 0"),
+        (["--max-length", "1000"], "--max-length 1000 exceeds the context of"),  # the tiny model has 512 positions
+        (["--mixed-precision", "fp16"], "--mixed-precision fp16 does nothing on a CPU"),
     ],
 )
 def test_conflicting_options_name_the_conflict(tiny_model_dir, tmp_path, capsys, flags, message):
@@ -367,7 +399,10 @@ def test_user_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     ]
     for flags, message in cases:
         assert main(["train", "--model", tiny_model_dir, "--output", str(tmp_path / "o"), *flags]) == 1
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        if "--config" not in flags:  # past the config: the default --max-length meets the model, lowered not refused
+            assert "--max-length 512: the model's context (the default 1024 is past it)" in err
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "metrics.jsonl").write_text("")
     assert main(["train", "--model", tiny_model_dir, "--data", PREFS, "--output", str(tmp_path / "used")]) == 1
@@ -480,6 +515,8 @@ def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_
         assert main([*args, "--resume"]) == 1
         assert message in capsys.readouterr().err
     state_file.write_text(json.dumps(state))
+    assert main([*args, "--resume", "--lr", "1e-2", "--seed", "7"]) == 1  # they change the weights: refused
+    assert "options differ from the checkpointed run: lr, seed" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # unchanged: resumes (here at its last step) and finishes
 
 
