@@ -85,8 +85,9 @@ class Admission:
         """413 for a body over the limit: by its Content-Length, or (chunked) counted while reading it ahead."""
         limit = self.state.limits.max_body_bytes
         too_large = self.error(413, f"request body over {limit} bytes", "request_too_large")
-        length = _headers(scope).get("content-length")
-        if length is not None:
+        headers = _headers(scope)
+        length = headers.get("content-length")
+        if length is not None and "transfer-encoding" not in headers:  # with both, the body comes chunked: count it
             return (too_large if length.isdigit() and int(length) > limit else None), receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive

@@ -93,16 +93,26 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     server = DrainingServer(config, state, args.drain_seconds)
     state.on_load_error = server.fail
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises SIGINT again once it has shut down
+        exit_if_busy(state, 130, "dporm: interrupted")
+        raise
     if state.load_error:
         raise DpormError(f"cannot load the model: {state.load_error}")
+    exit_if_busy(state, 0)
+
+
+def exit_if_busy(state: State, code: int, say: str | None = None) -> None:
+    """Exit now, skipping interpreter teardown, when stopped while loading or while a forward outlasted the
+    shutdown: that thread may be inside torch, where teardown aborts (SIGABRT)."""
     loading = state.loader_thread is not None and state.loader_thread.is_alive()
     scoring = state.batcher is not None and state.batcher.worker_alive
     if loading or scoring:
-        # Stopped while loading, or a forward outlasted the shutdown: that thread may be inside torch, where
-        # interpreter teardown aborts.
+        if say:
+            print(say, file=sys.stderr)
         sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
 
 def _check_port(host: str, port: int) -> None:

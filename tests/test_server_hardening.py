@@ -356,3 +356,31 @@ def test_openapi_request_examples_are_accepted_as_sent(reward_model):
         tei = answers["/rerank", "TEIRerankRequest"]
         assert len(tei) == 2 and {r["index"] for r in tei} == {0, 1}  # TEI: one rank per text
         assert answers["/rerank", "RerankRequest"]["results"]  # /rerank's other dialect: Cohere's answer
+
+
+def test_an_interrupted_serve_skips_teardown_while_a_thread_is_in_torch(artifact, monkeypatch, capsys):
+    """SIGINT: uvicorn raises KeyboardInterrupt after its shutdown; a forward (or the load) still running must
+    not meet interpreter teardown (it aborted, SIGABRT): the process exits at once with 130."""
+    import server.serve
+    from dpo.cli import main
+
+    exits = []
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server.serve.DrainingServer, "run", interrupted)
+    monkeypatch.setattr(server.serve, "exit_if_busy", lambda state, code, say=None: exits.append((code, say)))
+    assert main(["serve", str(artifact), "--port", str(free_port())]) == 130  # idle: the usual interrupt
+    assert exits == [(130, "dporm: interrupted")]
+
+    class Busy:
+        loader_thread, batcher = None, type("B", (), {"worker_alive": True})()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(server.serve.os, "_exit", lambda code: exits.append(("exit", code)))
+    server.serve.exit_if_busy(Busy(), 130, "dporm: interrupted")
+    assert exits[-1] == ("exit", 130) and "dporm: interrupted" in capsys.readouterr().err
+    Busy.batcher.worker_alive = False
+    server.serve.exit_if_busy(Busy(), 0)
+    assert exits[-1] == ("exit", 130)  # idle: no early exit

@@ -249,6 +249,30 @@ def test_a_client_gone_mid_body_is_counted_499_without_an_error(reward_model, ch
     state.batcher.stop()
 
 
+def test_a_chunked_body_is_counted_even_with_a_content_length(reward_model):
+    """With both headers the server reads the chunked body: a small Content-Length must not skip the count."""
+    state = State(Limits(max_body_bytes=2000), None)
+    state.attach(reward_model)
+    app = create_app(state)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"3"), (b"transfer-encoding", b"chunked")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/rewards", "headers": headers, "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "root_path": ""}  # fmt: skip
+    chunks = [{"type": "http.request", "body": b" " * 1000, "more_body": True} for _ in range(10)]
+    sent = []
+
+    async def receive():
+        return chunks.pop(0) if chunks else {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    state.batcher.stop()
+    assert sent[0]["status"] == 413 and b"request body over 2000 bytes" in sent[1]["body"]
+    assert len(chunks) == 7  # refused after the third kilobyte, not read to the end
+
+
 class StubModel:
     """score_encoded records each forward's sizes; ``fail`` raises instead. No torch model behind it."""
 
