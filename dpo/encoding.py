@@ -172,7 +172,8 @@ def encode_responses(
         try:
             return step(*args)
         except (TypeError, ValueError, TemplateError) as e:  # e.g. a lone surrogate, a template's raise_exception
-            raise EncodingError(f"cannot tokenize: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = _lone_surrogate(args[-1]) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise EncodingError(f"cannot tokenize: {why}") from None
 
     responses = list(responses)
     if not responses:
@@ -209,6 +210,21 @@ def encode_responses(
         yield fit
     if failure is not None:
         raise failure[1]
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """Why a text cannot be tokenized when it holds a lone UTF-16 surrogate (JSON's "\\ud800" decodes to one)."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, (list, tuple)):  # chat messages
+        texts = [m.get("content") for m in value if isinstance(m, dict)]
+    else:
+        return None
+    for text in (t for t in texts if isinstance(t, str)):
+        lone = next((ch for ch in text if "\ud800" <= ch <= "\udfff"), None)
+        if lone is not None:
+            return f"the text holds a lone surrogate U+{ord(lone):04X}, which is not a character"
+    return None
 
 
 def _fit(prompt_ids: list[int], response_ids: list[int], bos_id: int | None, max_length: int | None,

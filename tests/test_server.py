@@ -198,6 +198,7 @@ def test_api_key(reward_model):
         assert c.get("/info").status_code == c.get("/v1/models").status_code == 401  # they name model paths
         assert c.get("/info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/health").status_code == c.get("/ready").status_code == c.get("/metrics").status_code == 200
+        assert c.head("/health").status_code == c.head("/ready").status_code == 200  # load balancers probe with HEAD
 
 
 def test_concurrent_requests_are_batched_and_equal_one_by_one(reward_model, monkeypatch):

@@ -30,7 +30,10 @@ def _error(response, code: int) -> str:
         ("/v1/rewards", {"items": [{"messages": [{"role": "banana", "content": "hi"}], "response": "r"}]}, "role"),
         ("/v1/rewards", {"items": [{"messages": [{"role": "user", "content": "hi", "name": "x"}], "response": "r"}]},
          "name"),
-        ("/v1/rewards", {"items": [{"prompt": "a\ud800b", "response": "r"}]}, "cannot tokenize"),
+        ("/v1/rewards", {"items": [{"prompt": "a\ud800b", "response": "r"}]},
+         "item 0: cannot tokenize: the text holds a lone surrogate U+D800, which is not a character"),
+        ("/v1/rewards", {"items": [{"prompt": "a", "response": "r"}, {"prompt": "b", "response": "x\udfff"}]},
+         "item 1: cannot tokenize: the text holds a lone surrogate U+DFFF"),
     ],
 )  # fmt: skip
 def test_bad_conversations_are_422_with_their_reason(reward_model, path, body, reason):
