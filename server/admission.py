@@ -8,6 +8,7 @@ server's own, or, for a body read ahead to count it, a replay of that body follo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -82,18 +83,25 @@ class Admission:
                 metrics.latency.labels("total").observe(time.perf_counter() - start)
 
     async def _limit_body(self, scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
-        """413 for a body over the limit: by its Content-Length, or (chunked) counted while reading it ahead."""
-        limit = self.state.limits.max_body_bytes
+        """The body read ahead within ``--request-timeout`` (else 504: a client trickling its body holds no
+        connection for ever); 413 for a body over the limit, by its Content-Length or counted while reading."""
+        limit, timeout = self.state.limits.max_body_bytes, self.state.limits.request_timeout
         too_large = self.error(413, f"request body over {limit} bytes", "request_too_large")
         headers = _headers(scope)
         length = headers.get("content-length")
-        if length is not None and "transfer-encoding" not in headers:  # with both, the body comes chunked: count it
-            return (too_large if length.isdigit() and int(length) > limit else None), receive
+        chunked = "transfer-encoding" in headers  # with a Content-Length too, the body still comes chunked: count it
+        if length is not None and not chunked and length.isdigit() and int(length) > limit:
+            return too_large, receive
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None, receive
+        deadline = time.perf_counter() + timeout
         chunks, size, more = [], 0, True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0.0))
+            except TimeoutError:
+                late = self.error(504, f"the request body did not arrive within {timeout:g} s", "timeout_error")
+                return late, receive
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             chunks.append(message.get("body", b""))

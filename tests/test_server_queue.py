@@ -273,6 +273,32 @@ def test_a_chunked_body_is_counted_even_with_a_content_length(reward_model):
     assert len(chunks) == 7  # refused after the third kilobyte, not read to the end
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_trickled_past_the_request_timeout_is_504(reward_model, chunked):
+    state = State(Limits(request_timeout=0.3), None)
+    state.attach(reward_model)
+    app = create_app(state)
+    headers = [(b"content-type", b"application/json")]
+    headers += [(b"transfer-encoding", b"chunked")] if chunked else [(b"content-length", b"500")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/rewards", "headers": headers, "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "root_path": ""}  # fmt: skip
+    first, sent = [{"type": "http.request", "body": b'{"items": [', "more_body": True}], []
+
+    async def receive():
+        if first:
+            return first.pop()
+        await asyncio.sleep(30)  # the rest of the body never comes in time
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    state.batcher.stop()
+    assert sent[0]["status"] == 504 and b"the request body did not arrive within 0.3 s" in sent[1]["body"]
+
+
 class StubModel:
     """score_encoded records each forward's sizes; ``fail`` raises instead. No torch model behind it."""
 
