@@ -202,13 +202,15 @@ def create_app(state: State, loader=None) -> FastAPI:
         """Why this server can score nothing more until restarted (a poisoned device, a dead worker)."""
         return state.batcher.failure if state.batcher is not None else None
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' probes
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # load balancers' probes
     async def health():
         if (why := failure()) is not None:  # liveness fails: an orchestrator restarts the process
             return error_response(503, f"unhealthy: {why}", "unavailable")
         return {"status": "ok"}
 
-    @app.api_route("/ready", methods=["GET", "HEAD"])
+    @app.get("/ready")
+    @app.head("/ready", include_in_schema=False)
     async def ready():
         if state.draining or state.model is None or failure() is not None:
             why = "draining" if state.draining else ("failed: " + state.load_error if state.load_error else "loading")

@@ -347,6 +347,8 @@ def test_openapi_request_examples_are_accepted_as_sent(reward_model):
     """/docs pre-fills each route's body from its schema's example: every example must score as it stands."""
     with make_client(reward_model) as client:
         spec = client.get("/openapi.json").json()
+        ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+        assert len(ids) == len(set(ids))  # OpenAPI requires unique operation ids (client generators key on them)
         answers = {}
         for path in ("/v1/rewards", "/v1/preference", "/v1/rerank", "/rerank"):
             body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
