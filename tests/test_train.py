@@ -1,6 +1,7 @@
 """``dporm train`` end to end on a tiny Llama with the real SmolLM2 tokenizer (fast, CPU, fp32)."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -204,6 +205,21 @@ def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path, capsys):
     assert first["pairs"] == 6  # 2 rankings of 3 responses: 3 pairs each, 3 sequences each
     assert first["loss"] == pytest.approx(torch.log(torch.tensor(6.0)).item(), abs=1e-5)  # log 3! at init
     assert manifest.loss == "plackett_luce"
+
+
+# At step 1 the policy is the reference, so every margin Δ is 0 and each loss is its value at 0 (β = 0.1):
+# sigmoid, sigmoid_norm, robust (any ε): log 2; hinge max(0, 1 − 0) = 1; ipo, ipo_sum (0 − 1/(2β))² = 25.
+LOSS_AT_START = {"sigmoid": math.log(2), "sigmoid_norm": math.log(2), "robust": math.log(2), "hinge": 1.0,
+                 "ipo": 25.0, "ipo_sum": 25.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", list(LOSS_AT_START))
+def test_each_loss_reaches_the_trainer(tiny_model_dir, tmp_path, loss):
+    smoothing = ("--label-smoothing", "0.2") if loss == "robust" else ()
+    train(tiny_model_dir, tmp_path / "run", "--max-steps", 1, "--loss", loss, *smoothing)
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    first = next(r for r in first if r["split"] == "train")
+    assert first["loss"] == pytest.approx(LOSS_AT_START[loss], rel=1e-5)
 
 
 # --lr 1e-3 --warmup-ratio 0.25 --max-steps 4: transformers' get_scheduler with ceil(0.25·4) = 1 warmup step of
