@@ -150,7 +150,9 @@ def create_app(state: State, loader=None) -> FastAPI:
         def make_groups() -> list[Group]:
             return [(p.conversation(), [p.response_a, p.response_b]) for p in pairs]
 
-        model, results = await state.score(request, make_groups, 2 * len(pairs), body, compared=(2,) * len(pairs))
+        pair = lambda i: f"pair {i // 2} response_{'ab'[i % 2]}"  # noqa: E731
+        model, results = await state.score(request, make_groups, 2 * len(pairs), body, compared=(2,) * len(pairs),
+                                           name=pair)  # fmt: skip
         data = []
         for i in range(len(body.pairs)):
             a, b = results[2 * i].reward, results[2 * i + 1].reward
@@ -158,9 +160,11 @@ def create_app(state: State, loader=None) -> FastAPI:
                                          rechecked=results[2 * i].rechecked))  # fmt: skip
         return s.PreferenceResponse(model=model.name, data=data, usage=usage(results))
 
-    async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions):
+    async def rank(request: Request, conversation: Callable[[], Any], texts: list[str], options: s.ScoringOptions,
+                   kind: str = "document"):  # fmt: skip
         groups = lambda: [(conversation(), texts)]  # noqa: E731
-        model, results = await state.score(request, groups, len(texts), options, compared=(len(texts),))
+        model, results = await state.score(request, groups, len(texts), options, compared=(len(texts),),
+                                           name=f"{kind} {{}}".format)  # fmt: skip
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
@@ -188,7 +192,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         if isinstance(body, s.RerankRequest):
             return await rerank(body, request)
         options = s.ScoringOptions(truncate=bool(body.truncate), truncate_response=bool(body.truncate))
-        _, results, order = await rank(request, lambda: body.query, body.texts, options)
+        _, results, order = await rank(request, lambda: body.query, body.texts, options, kind="text")
         return [
             s.TEIRank(
                 index=i,

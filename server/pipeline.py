@@ -27,6 +27,7 @@ from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
 Group = tuple[Any, list[str]]  # a prompt (string or messages) and its responses: the prompt is tokenized once
+ITEM = "item {}".format  # how error messages name sequence i of a request, unless the route names it otherwise
 
 
 @dataclass
@@ -105,7 +106,8 @@ class State:
             raise
 
     async def encode_all(self, request: Request, model: RewardModel, make_groups: Callable[[], list[Group]], count: int,
-                         options: s.ScoringOptions, deadline: float) -> list[Encoded]:  # fmt: skip
+                         options: s.ScoringOptions, deadline: float,
+                         name: Callable[[int], str]) -> list[Encoded]:  # fmt: skip
         """Tokenized off the event loop (``make_groups`` too: building conversations of a large body takes time)."""
         if count > self.limits.max_items:
             raise ApiError(413, f"{count} sequences; the limit is {self.limits.max_items}", "request_too_large")
@@ -116,7 +118,7 @@ class State:
                 raise ApiError(429, f"tokenizer queue full ({self.tokenize_waiting} requests)", "rate_limit_error",
                                {"Retry-After": str(wait_s)})  # fmt: skip
             self.tokenize_waiting += 1
-        work = self.tokenizing.submit(self.encode_sync, model, make_groups, options)
+        work = self.tokenizing.submit(self.encode_sync, model, make_groups, options, name)
 
         def release(_) -> None:
             with self.lock:
@@ -130,9 +132,11 @@ class State:
         floor = self.limits.retry_after
         return self.batcher.retry_after(floor) if self.batcher is not None else floor
 
-    def encode_sync(self, model: RewardModel, make_groups: Callable[[], list[Group]],
-                    options: s.ScoringOptions) -> list[Encoded]:  # fmt: skip
-        """``truncate`` accepts prompts cut from the left; a response is cut only where the artifact was trained so,
+    def encode_sync(self, model: RewardModel, make_groups: Callable[[], list[Group]], options: s.ScoringOptions,
+                    name: Callable[[int], str] = ITEM) -> list[Encoded]:  # fmt: skip
+        """``name`` says which part of the request sequence ``i`` is, in error messages.
+
+        ``truncate`` accepts prompts cut from the left; a response is cut only where the artifact was trained so,
         or where the request asks for it (``truncate_response``, as RewardBench's evaluation cuts; a rerank's
         per-document cap)."""
         truncate = options.truncate or options.truncate_response
@@ -150,16 +154,16 @@ class State:
                 except ResponseTooLongError:
                     raise ApiError(
                         413,
-                        f"item {i}: the response alone exceeds max_length={max_length} tokens "
+                        f"{name(i)}: the response alone exceeds max_length={max_length} tokens "
                         "(a cut response is scored as different text: send truncate_response=true to cut it anyway)",
                         "request_too_large",
                     ) from None
                 except EncodingError as e:
-                    raise ApiError(422, f"item {i}: {e}", "invalid_request_error") from None
+                    raise ApiError(422, f"{name(i)}: {e}", "invalid_request_error") from None
                 if seq.truncated and not truncate:
                     raise ApiError(
                         413,
-                        f"item {i}: {len(seq)}+ tokens exceed max_length={max_length}; "
+                        f"{name(i)}: {len(seq)}+ tokens exceed max_length={max_length}; "
                         "send truncate=true to cut the prompt from the left",
                         "request_too_large",
                     )
@@ -179,15 +183,17 @@ class State:
         options: s.ScoringOptions,
         token_rewards: bool = False,
         compared: tuple[int, ...] = (),
+        name: Callable[[int], str] = ITEM,
     ) -> tuple[RewardModel, list[RewardResult]]:
         """Tokenize, queue and score one request's sequences, all within one request timeout.
 
+        ``name``: the request's own name for sequence ``i`` in error messages (``ITEM``: "item i").
         ``compared``: sizes of the consecutive groups whose rewards the answer compares (``--recheck``).
         """
         model = self.ready_model()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout
-        seqs = await self.encode_all(request, model, make_groups, count, options, deadline)
+        seqs = await self.encode_all(request, model, make_groups, count, options, deadline, name)
         normalize = options.normalize or model.normalize
         job = Job(
             seqs, options.reference_free, token_rewards, loop, loop.create_future(), compared, normalize == "mean"

@@ -34,6 +34,10 @@ def _error(response, code: int) -> str:
          "item 0: cannot tokenize: the text holds a lone surrogate U+D800, which is not a character"),
         ("/v1/rewards", {"items": [{"prompt": "a", "response": "r"}, {"prompt": "b", "response": "x\udfff"}]},
          "item 1: cannot tokenize: the text holds a lone surrogate U+DFFF"),
+        ("/v1/preference", {"pairs": [{"prompt": "a", "response_a": "r", "response_b": "s"},
+                                      {"prompt": "b", "response_a": "r", "response_b": "x\udfff"}]},
+         "pair 1 response_b: cannot tokenize"),
+        ("/rerank", {"query": "q", "texts": ["a", "b", "x\udfff"]}, "text 2: cannot tokenize"),
     ],
 )  # fmt: skip
 def test_bad_conversations_are_422_with_their_reason(reward_model, path, body, reason):
@@ -329,7 +333,7 @@ def test_a_shared_prompt_is_rendered_once_and_encodes_as_alone(reward_model, mon
         assert len(rendered) == 1 + len(docs)
         bad = {"query": PROMPT, "documents": ["fine", "a\ud800b"]}
         sent = c.post("/v1/rerank", content=json.dumps(bad), headers={"content-type": "application/json"})
-        assert _error(sent, 422).startswith("item 1: cannot tokenize")
+        assert _error(sent, 422).startswith("document 1: cannot tokenize")
 
 
 def test_consecutive_rewards_items_with_one_prompt_share_its_cut(reward_model):
