@@ -207,19 +207,39 @@ def test_plackett_luce_on_rankings(tiny_model_dir, tmp_path, capsys):
     assert manifest.loss == "plackett_luce"
 
 
-# At step 1 the policy is the reference, so every margin Δ is 0 and each loss is its value at 0 (β = 0.1):
-# sigmoid, sigmoid_norm, robust (any ε): log 2; hinge max(0, 1 − 0) = 1; ipo, ipo_sum (0 − 1/(2β))² = 25.
-LOSS_AT_START = {"sigmoid": math.log(2), "sigmoid_norm": math.log(2), "robust": math.log(2), "hinge": 1.0,
-                 "ipo": 25.0, "ipo_sum": 25.0}  # fmt: skip
+PAIRWISE_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "hinge", "ipo", "ipo_sum")
 
 
-@pytest.mark.parametrize("loss", list(LOSS_AT_START))
-def test_each_loss_reaches_the_trainer(tiny_model_dir, tmp_path, loss):
-    smoothing = ("--label-smoothing", "0.2") if loss == "robust" else ()
-    train(tiny_model_dir, tmp_path / "run", "--max-steps", 1, "--loss", loss, *smoothing)
-    first = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    first = next(r for r in first if r["split"] == "train")
-    assert first["loss"] == pytest.approx(LOSS_AT_START[loss], rel=1e-5)
+def _logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("loss", PAIRWISE_LOSSES)
+def test_each_loss_after_a_step_is_its_formula_on_the_logged_rewards(tiny_model_dir, smollm_tokenizer, tmp_path,
+                                                                     loss):  # fmt: skip
+    """Step 2, one pair, the policy moved: the logged loss is the loss's formula on the logged rewards, with the
+    smoothing ε given and the response token counts of the pair: what the trainer passes to the loss."""
+    eps, beta = (0.2 if loss in ("sigmoid", "robust") else 0.0), 0.1
+    row = tmp_path / "one.jsonl"
+    row.write_text(Path(PREFS).read_text().splitlines()[1] + "\n")
+    train(tiny_model_dir, tmp_path / "run", "--max-steps", 2, "--loss", loss, "--label-smoothing", eps,
+          "--batch-size", 1, "--eval-size", 0, "--lr", 2e-2, data=row)  # fmt: skip
+    step2 = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"][1]
+    (ex,) = encode_examples(smollm_tokenizer, load_preferences(str(row)).examples, 128)
+    n_w, n_l = (len(c.response_ids) for c in ex.completions)
+    r_w, r_l = step2["rewards/chosen"], step2["rewards/rejected"]
+    m = r_w - r_l  # β Δ
+    assert abs(m) > 0.05, "the step must move the margin, or every formula reads its value at 0"
+    per_token = (r_w / n_w - r_l / n_l) / beta  # ρ_w/|y_w| − ρ_l/|y_l|
+    expected = {
+        "sigmoid": -(1 - eps) * _logsigmoid(m) - eps * _logsigmoid(-m),
+        "robust": (-(1 - eps) * _logsigmoid(m) + eps * _logsigmoid(-m)) / (1 - 2 * eps),
+        "hinge": max(0.0, 1 - m),
+        "ipo_sum": (m / beta - 1 / (2 * beta)) ** 2,
+        "ipo": (per_token - 1 / (2 * beta)) ** 2,
+        "sigmoid_norm": -_logsigmoid(beta * per_token),
+    }[loss]
+    assert step2["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 # --lr 1e-3 --warmup-ratio 0.25 --max-steps 4: transformers' get_scheduler with ceil(0.25·4) = 1 warmup step of
