@@ -104,7 +104,8 @@ def _check_resumable(checkpoint: Path, config: TrainConfig) -> None:
 
 
 def _check_same_run(checkpoint: Path, trainer: Trainer) -> None:
-    """The data and the process count fix the batches of every step and the schedule: a resume must keep them."""
+    """The data and the process count fix the batches of every step and the schedule, the starting weights what
+    the checkpoint's weights and the reference mean: a resume must keep them all."""
     state = json.loads((checkpoint / "state.json").read_text())
     now = {**trainer.run_identity, "total_steps": trainer.schedule.total_steps}
     if state.get("processes", now["processes"]) != now["processes"]:
@@ -112,6 +113,11 @@ def _check_same_run(checkpoint: Path, trainer: Trainer) -> None:
                          f"{now['processes']}; each step's batches depend on it")  # fmt: skip
     if state.get("data_fingerprint", now["data_fingerprint"]) != now["data_fingerprint"]:
         raise DpormError("--resume: the training rows differ from the checkpointed run's (the data file changed)")
+    for role, saved in state.get("weights", {}).items():  # absent in checkpoints of older versions
+        if saved != now["weights"][role]:
+            flag = "--model" if role == "model" else "--reference"
+            raise DpormError(f"--resume: the {role}'s weights ({flag}) differ from those the run started from "
+                             "(the files were rewritten since)")  # fmt: skip
     if state["total_steps"] != now["total_steps"]:
         raise DpormError(f"--resume: the run planned {state['total_steps']} steps, this one {now['total_steps']}")
 
@@ -201,6 +207,8 @@ def run_train(given: dict) -> Path:
         ref_model = load_model(reference_path, c.dtype, str(accelerator.device), c.trust_remote_code, c.allow_pickle)
     initial_reference = ref_model if separate_reference else model
     ref_hash = weights_hash(initial_reference) if reference_path else None
+    # The starting weights, for --resume to refuse a model directory rewritten since (its path alone matches).
+    init_hash = ref_hash if reference_path and not separate_reference else weights_hash(model)
     # The reference's forward depends on its config too (rope, norm epsilons): part of the cache key.
     ref_config = forward_config(initial_reference.config.to_dict()) if reference_path else None
 
@@ -260,7 +268,11 @@ def run_train(given: dict) -> Path:
         evaluation,
         log,
         starts_at_reference=reference_path is not None and not separate_reference,
-        run_identity={"processes": accelerator.num_processes, "data_fingerprint": train_data.fingerprint()},
+        run_identity={
+            "processes": accelerator.num_processes,
+            "data_fingerprint": train_data.fingerprint(),
+            "weights": {"model": init_hash, "reference": ref_hash},
+        },
     )
     start_step = 0
     if resume_from is not None:

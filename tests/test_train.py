@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dpo.batching import encode_examples
 from dpo.cli import main
@@ -536,9 +536,10 @@ def test_references_are_computed_without_dropout_while_the_policy_trains():
     assert torch.equal(adapter_off_reference(scorer)(seqs), expected) and scorer.model.training
 
 
-def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["train", "--model", tiny_model_dir, "--data", PREFS, "--output", str(out), "--batch-size", "2",
+def test_resume_refuses_another_process_count_other_rows_or_rewritten_weights(tiny_model_dir, tmp_path, capsys):
+    out, model = tmp_path / "run", tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["train", "--model", str(model), "--data", PREFS, "--output", str(out), "--batch-size", "2",
             "--max-length", "128", "--device", "cpu", "--max-steps", "2", "--save-every", "1"]  # fmt: skip
     assert main(args) == 0
     (out / "dporm.json").unlink()  # as if killed after its last checkpoint
@@ -553,6 +554,14 @@ def test_resume_refuses_another_process_count_or_other_rows(tiny_model_dir, tmp_
     state_file.write_text(json.dumps(state))
     assert main([*args, "--resume", "--lr", "1e-2", "--seed", "7"]) == 1  # they change the weights: refused
     assert "options differ from the checkpointed run: lr, seed" in capsys.readouterr().err
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1e-3}, str(weights), metadata={"format": "pt"})
+    assert main([*args, "--resume"]) == 1  # the same path, other bytes: the checkpoint would mean another run
+    assert "the model's weights (--model) differ from those the run started from" in capsys.readouterr().err
+    weights.write_bytes(original)
     assert main([*args, "--resume"]) == 0  # unchanged: resumes (here at its last step) and finishes
 
 
