@@ -210,16 +210,17 @@ def create_app(state: State, loader=None) -> FastAPI:
     @app.head("/health", include_in_schema=False)  # load balancers' probes
     async def health():
         if (why := failure()) is not None:  # liveness fails: an orchestrator restarts the process
-            return error_response(503, f"unhealthy: {why}", "unavailable")
+            return error_response(503, f"unhealthy: {why}", "server_failed")
         return {"status": "ok"}
 
     @app.get("/ready")
     @app.head("/ready", include_in_schema=False)
     async def ready():
-        if state.draining or state.model is None or failure() is not None:
-            why = "draining" if state.draining else ("failed: " + state.load_error if state.load_error else "loading")
-            why = f"failed: {failure()}" if failure() is not None else why
-            return error_response(503, f"not ready ({why})", "unavailable", {"Retry-After": "5"})
+        if (why := failure() or state.load_error) is not None:  # for good: no Retry-After
+            return error_response(503, f"not ready (failed: {why})", "server_failed")
+        if state.draining or state.model is None:
+            return error_response(503, f"not ready ({'draining' if state.draining else 'loading'})", "unavailable",
+                                  {"Retry-After": "5"})  # fmt: skip
         return {"status": "ready"}
 
     @app.get("/info")

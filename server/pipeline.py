@@ -46,6 +46,12 @@ class ApiError(Exception):
         self.code, self.message, self.kind, self.headers = code, message, kind, headers
 
 
+def failed(message: str) -> ApiError:
+    """503 for a server that can score nothing until restarted (its load failed, its device is poisoned): no
+    ``Retry-After``, and a type of its own (``server_failed``) that clients do not retry."""
+    return ApiError(503, message, "server_failed")
+
+
 def error_response(code: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
     body = s.ErrorResponse(error=s.ErrorDetail(message=message, type=kind, code=code))
     return JSONResponse(body.model_dump(), status_code=code, headers=headers)
@@ -84,8 +90,10 @@ class State:
 
     def ready_model(self) -> RewardModel:
         """The model; 503 while it loads. Draining only turns /ready to 503: work still arriving is served."""
+        if self.load_error is not None:
+            raise failed(f"the model failed to load: {self.load_error}")
         if self.model is None:
-            raise ApiError(503, self.load_error or "the model is loading", "unavailable", {"Retry-After": "5"})
+            raise ApiError(503, "the model is loading", "unavailable", {"Retry-After": "5"})
         return self.model
 
     async def wait(self, request: Request, future: asyncio.Future, deadline: float, abandon: Callable[[], Any]) -> Any:
@@ -205,12 +213,14 @@ class State:
         except TooLarge as e:
             raise ApiError(413, str(e), "request_too_large") from None
         except ShuttingDown as e:
+            if self.batcher.failure is not None:
+                raise failed(str(e)) from None
             raise ApiError(503, str(e), "unavailable", {"Retry-After": "5"}) from None
         self.metrics.truncations.inc(sum(seq.truncated for seq in seqs))  # admitted: counted once
         try:
             results = await self.wait(request, job.future, deadline, lambda: self.batcher.cancel(job))
         except ShuttingDown as e:  # queued when the device failed
-            raise ApiError(503, str(e), "unavailable") from None
+            raise failed(str(e)) from None
         if normalize == "mean":
             for r in results:
                 r.reward = r.reward / max(r.response_tokens, 1)

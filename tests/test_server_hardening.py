@@ -115,6 +115,34 @@ def test_models_is_503_while_loading():
         assert _error(c.get("/v1/models"), 503)
 
 
+def test_a_failed_load_is_a_503_for_good_and_loading_one_to_retry():
+    """Loading: ``unavailable`` with a Retry-After; failed (an app whose loader raised): ``server_failed`` without."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from server.app import Limits, State, create_app
+
+    gate = threading.Event()
+
+    def loader():
+        gate.wait(10)
+        raise RuntimeError("weights not found")
+
+    with TestClient(create_app(State(Limits(), None), loader)) as c:
+        loading = [c.get("/ready"), c.post("/v1/rewards", json=ITEM)]
+        gate.set()
+        deadline = time.monotonic() + 10
+        while c.get("/info").json().get("load_error") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        failed = [c.get("/ready"), c.post("/v1/rewards", json=ITEM)]
+    for answer in loading:
+        assert answer.json()["error"]["type"] == "unavailable" and answer.headers["retry-after"] == "5"
+    for answer in failed:
+        assert "weights not found" in _error(answer, 503) and "retry-after" not in answer.headers
+        assert answer.json()["error"]["type"] == "server_failed"
+
+
 def test_serve_exits_1_in_one_line_when_the_model_cannot_load(tmp_path, capsys):
     from dpo.cli import main
 

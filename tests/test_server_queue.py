@@ -414,3 +414,5 @@ def test_health_and_ready_report_a_broken_batcher(reward_model):
         c.app.state.dporm.batcher.broken = None
     assert health.status_code == 503 and "illegal memory access" in health.json()["error"]["message"]
     assert ready.status_code == 503 and refused.status_code == 503
+    for answer in (health, ready, refused):  # for good: a type clients do not retry, and no Retry-After
+        assert answer.json()["error"]["type"] == "server_failed" and "retry-after" not in answer.headers
