@@ -1,7 +1,7 @@
 """``dporm eval --server URL``: the evaluation backend over running ``dporm serve`` instances.
 
 Each chunk of rows is split into contiguous shards, one per server, scored concurrently through
-:class:`server.client.RewardClient` (which retries 429/503 and connection errors). The servers must serve
+:class:`server.client.RewardClient` (which retries 429, 502-504 and connection errors). The servers must serve
 the same weights (checked on ``/info``). Scores follow :func:`dpo.eval_backend.mode_score`: the norm mode
 asks ``/v1/rewards`` for ``token_rewards`` (β·log π per token when reference-free) and divides β back out.
 Encoding is the server's (dporm's rule; over-long rows cut as offline: prompt from the left, then the response,

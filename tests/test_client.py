@@ -71,6 +71,7 @@ class FakeServer:
 
 def client(server: FakeServer, **kwargs) -> tuple[RewardClient, list[float]]:
     rm = RewardClient("http://rm.test", transport=httpx.MockTransport(server), **kwargs)
+    rm.jitter = 0.0  # backoff waits exact, to compare
     sleeps: list[float] = []
     rm.sleep = sleeps.append
     return rm, sleeps
@@ -78,6 +79,7 @@ def client(server: FakeServer, **kwargs) -> tuple[RewardClient, list[float]]:
 
 def async_client(server, **kwargs) -> tuple[AsyncRewardClient, list[float]]:
     rm = AsyncRewardClient("http://rm.test", transport=httpx.MockTransport(server), **kwargs)
+    rm.jitter = 0.0
     sleeps: list[float] = []
 
     async def asleep(seconds: float) -> None:
