@@ -191,6 +191,12 @@ def main() -> None:
         return
 
     results = []
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(summary: list[str]) -> None:  # after every case: a run cut short by a timeout keeps what it measured
+        output.write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
+
     header = f"{'op':<6} {'dtype':<5} {'mode':<7} {'N':>6} {'method':<22} {'ms':>9} {'peak MiB':>9} {'GB/s':>7}"
     print(header)
     for case in _cases(args):
@@ -203,10 +209,10 @@ def main() -> None:
         bandwidth = f"{r['gb_per_s']:>7.1f}" if "gb_per_s" in r else f"{'':>7}"
         print(f"{r['op']:<6} {r['dtype']:<5} {r['mode']:<7} {r['rows']:>6} {r['method']:<22} "
               f"{r['seconds'] * 1e3:>9.1f} {r['peak_extra_mib']:>9.1f} {bandwidth}", flush=True)  # fmt: skip
+        save(["(partial: the run is still going)"])
     summary = _summary(results)
     print("\n".join(summary))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
+    save(summary)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ def flatten(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits {tuple(logits.shape)} have no vocabulary dimension to normalise over")
+    if targets.device != logits.device:  # a kernel reads both through raw pointers on the logits' device
+        raise ValueError(f"logits on {logits.device} and targets on {targets.device}: put them on one device")
     flat = logits.reshape(-1, logits.shape[-1])
     return (flat if flat.stride(-1) == 1 else flat.contiguous()), targets.reshape(-1).long().contiguous()
 

@@ -10,6 +10,8 @@ to float32 at load: besides being right, this is required under
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +67,11 @@ def _backward_kernel(
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device, not the tensors': make the tensors' device current."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def _block(vocab: int) -> int:
     return min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
 
@@ -81,8 +88,9 @@ def forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> t
     lse = torch.empty(n, dtype=acc, device=logits.device)
     if n:
         block = _block(vocab)
-        _forward_kernel[(n,)](logits, logits.stride(0), targets, logp, lse, vocab, ignore_index,
-                              BLOCK_V=block, num_warps=_num_warps(block))  # fmt: skip
+        with _on(logits.device):
+            _forward_kernel[(n,)](logits, logits.stride(0), targets, logp, lse, vocab, ignore_index,
+                                  BLOCK_V=block, num_warps=_num_warps(block))  # fmt: skip
     return logp, lse
 
 
@@ -99,7 +107,8 @@ def backward(
     grad_logits = torch.empty_like(logits) if out is None else out
     if n:
         block = _block(vocab)
-        _backward_kernel[(n,)](logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
-                               grad_out.contiguous(), vocab, ignore_index, BLOCK_V=block,
-                               num_warps=_num_warps(block))  # fmt: skip
+        with _on(logits.device):
+            _backward_kernel[(n,)](logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
+                                   grad_out.contiguous(), vocab, ignore_index, BLOCK_V=block,
+                                   num_warps=_num_warps(block))  # fmt: skip
     return grad_logits

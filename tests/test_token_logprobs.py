@@ -82,6 +82,24 @@ def test_three_d_and_non_contiguous(kernel_backend):
     row_strided = torch.randn(6, 10)[::2]  # unit vocab stride, row stride 20: used in place
     t = torch.randint(0, 10, (3,))
     torch.testing.assert_close(token_logprobs(row_strided, t).double(), reference(row_strided, t))
+    base = torch.randn(6, 10, requires_grad=True)  # the backward reads and writes with each row stride
+    token_logprobs(base[::2], t).sum().backward()
+    leaf = base.detach().double().requires_grad_()
+    reference(leaf[::2], t).sum().backward()
+    torch.testing.assert_close(base.grad.double(), leaf.grad, rtol=1e-5, atol=1e-6)
+    assert base.grad[1::2].abs().sum() == 0  # rows between the strided ones get no gradient
+
+
+def test_the_vocabulary_block_is_capped_and_inputs_checked():
+    from kernels import triton_backend
+
+    assert triton_backend._block(151936) == triton_backend.MAX_BLOCK_V  # a GPU's registers hold one block
+    assert triton_backend._block(7) == 8
+    with pytest.raises(ValueError, match="no vocabulary dimension"):
+        token_logprobs(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+    meta = torch.randn(3, 5, device="meta")
+    with pytest.raises(ValueError, match="put them on one device"):
+        token_logprobs(meta, torch.zeros(3, dtype=torch.long))
 
 
 def test_gradcheck_float64_torch_path(monkeypatch):
