@@ -37,12 +37,12 @@ class Admission:
     Paths are the app's own: without the ``root_path`` it is served under, or mounted at, in a larger app.
 
     ``endpoints()`` names the app's routes: other paths are counted as ``other`` (one label per unknown
-    path would let any client grow the metrics without bound).
+    path would let any client grow the metrics without bound). POSTs to ``inference`` routes are timed.
     """
 
-    def __init__(self, app, *, state, open_routes: set[str], authorize, error, endpoints):
+    def __init__(self, app, *, state, open_routes: set[str], authorize, error, endpoints, inference: tuple[str, ...]):
         self.app, self.state, self.open_routes = app, state, open_routes
-        self.authorize, self.error, self.endpoints = authorize, error, endpoints
+        self.authorize, self.error, self.endpoints, self.inference = authorize, error, endpoints, inference
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,8 +79,8 @@ class Admission:
             endpoint = path if path in self.endpoints() else "other"
             metrics = self.state.metrics
             metrics.requests.labels(endpoint, str(status or CLIENT_GONE)).inc()
-            if scope["method"] == "POST":
-                metrics.latency.labels("total").observe(time.perf_counter() - start)
+            if scope["method"] == "POST" and endpoint in self.inference:
+                metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
     async def _limit_body(self, scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
         """The body read ahead within ``--request-timeout`` (else 504: a client trickling its body holds no

@@ -25,14 +25,35 @@ from dpo import __version__
 from dpo.errors import DpormError
 from server import schemas as s
 from server.admission import Admission
-from server.pipeline import ApiError, Group, Limits, State, error_response, sigmoid, usage
+from server.pipeline import INFERENCE_ROUTES, ApiError, Group, Limits, State, error_response, sigmoid, usage
 
 __all__ = ["INFERENCE_ROUTES", "Limits", "State", "create_app"]
-INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
 # With an API key, every other path needs it (/info and /v1/models name the models' paths); these stay open for
 # probes, scrapers and the API's own documentation.
 OPEN_ROUTES = {"/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 log = logging.getLogger("dporm.server")
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI entries for a route's error answers, all in the one error schema."""
+    headers = {429: "Retry-After", 503: "Retry-After", 401: "WWW-Authenticate"}
+    return {
+        code: {"model": s.ErrorResponse, "description": DESCRIPTIONS[code]}
+        | ({"headers": {headers[code]: {"schema": {"type": "string"}}}} if code in headers else {})
+        for code in codes
+    }
+
+
+DESCRIPTIONS = {
+    401: "missing or invalid API key",
+    413: "too many items, body too large, or a sequence over max_length without truncation",
+    422: "malformed input",
+    429: "queue full (Retry-After says when to retry)",
+    500: "server bug (counted in /metrics)",
+    503: "loading or draining (Retry-After), or failed for good (type server_failed)",
+    504: "no answer within --request-timeout",
+}
+SCORING_ERRORS = _errors(401, 413, 422, 429, 500, 503, 504)
 
 
 def create_app(state: State, loader=None) -> FastAPI:
@@ -61,7 +82,6 @@ def create_app(state: State, loader=None) -> FastAPI:
         title="dporm reward server",
         version=__version__,
         lifespan=lifespan,
-        responses={code: {"model": s.ErrorResponse} for code in (401, 413, 422, 429, 503, 504)},
     )
     app.state.dporm = state
 
@@ -111,9 +131,9 @@ def create_app(state: State, loader=None) -> FastAPI:
         return {route.path for route in app.routes}
 
     app.add_middleware(Admission, state=state, open_routes=OPEN_ROUTES, authorize=authorize,
-                       error=error_response, endpoints=endpoints)  # fmt: skip
+                       error=error_response, endpoints=endpoints, inference=INFERENCE_ROUTES)  # fmt: skip
 
-    @app.post("/v1/rewards", response_model=s.RewardsResponse)
+    @app.post("/v1/rewards", response_model=s.RewardsResponse, responses=SCORING_ERRORS)
     async def rewards(body: s.RewardsRequest, request: Request) -> s.RewardsResponse:
         items = body.items
 
@@ -143,7 +163,7 @@ def create_app(state: State, loader=None) -> FastAPI:
         ]
         return s.RewardsResponse(model=model.name, data=data, usage=usage(results))
 
-    @app.post("/v1/preference", response_model=s.PreferenceResponse)
+    @app.post("/v1/preference", response_model=s.PreferenceResponse, responses=SCORING_ERRORS)
     async def preference(body: s.PreferenceRequest, request: Request) -> s.PreferenceResponse:
         pairs = body.pairs
 
@@ -168,8 +188,8 @@ def create_app(state: State, loader=None) -> FastAPI:
         order = sorted(range(len(texts)), key=lambda i: -results[i].reward)
         return model, results, order
 
-    @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
-    @app.post("/v2/rerank", response_model=s.RerankResponse, response_model_exclude_none=True)
+    @app.post("/v1/rerank", response_model=s.RerankResponse, response_model_exclude_none=True, responses=SCORING_ERRORS)
+    @app.post("/v2/rerank", response_model=s.RerankResponse, response_model_exclude_none=True, responses=SCORING_ERRORS)
     async def rerank(body: s.RerankRequest, request: Request) -> s.RerankResponse:
         texts = body.texts()
         model, results, order = await rank(request, body.conversation, texts, body)
@@ -186,7 +206,8 @@ def create_app(state: State, loader=None) -> FastAPI:
             id=f"rerank-{uuid.uuid4().hex}", model=model.name, results=out, usage=usage(results, shared_prompt=True)
         )
 
-    @app.post("/rerank", response_model=list[s.TEIRank] | s.RerankResponse, response_model_exclude_none=True)
+    @app.post("/rerank", response_model=list[s.TEIRank] | s.RerankResponse, response_model_exclude_none=True,
+              responses=SCORING_ERRORS)  # fmt: skip
     async def rerank_tei(body: s.AnyRerankRequest, request: Request) -> list[s.TEIRank] | s.RerankResponse:
         """TEI's dialect; a body with ``documents`` is the Cohere/Jina one, as vLLM serves it here too."""
         if isinstance(body, s.RerankRequest):
@@ -206,14 +227,14 @@ def create_app(state: State, loader=None) -> FastAPI:
         """Why this server can score nothing more until restarted (a poisoned device, a dead worker)."""
         return state.batcher.failure if state.batcher is not None else None
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors(503))
     @app.head("/health", include_in_schema=False)  # load balancers' probes
     async def health():
         if (why := failure()) is not None:  # liveness fails: an orchestrator restarts the process
             return error_response(503, f"unhealthy: {why}", "server_failed")
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=_errors(503))
     @app.head("/ready", include_in_schema=False)
     async def ready():
         if (why := failure() or state.load_error) is not None:  # for good: no Retry-After
@@ -223,7 +244,7 @@ def create_app(state: State, loader=None) -> FastAPI:
                                   {"Retry-After": "5"})  # fmt: skip
         return {"status": "ready"}
 
-    @app.get("/info")
+    @app.get("/info", responses=_errors(401))
     async def info() -> dict:
         m = state.model
         limits = {k: v for k, v in vars(state.limits).items()}
@@ -249,12 +270,15 @@ def create_app(state: State, loader=None) -> FastAPI:
             "limits": limits,
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 503))
     async def models() -> dict:
         name = state.ready_model().name
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "dporm"}]}
+        model = {"id": name, "object": "model", "created": state.loaded_at, "owned_by": "dporm",
+                 "max_model_len": state.model.max_length}  # fmt: skip
+        return {"object": "list", "data": [model]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})  # fmt: skip
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -262,6 +286,7 @@ def create_app(state: State, loader=None) -> FastAPI:
             requests, tokens = state.batcher.depth
             state.metrics.queue_requests.set(requests)
             state.metrics.queue_tokens.set(tokens)
+        state.metrics.tokenize_waiting.set(state.tokenize_waiting)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

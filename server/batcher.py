@@ -128,6 +128,7 @@ class Batcher:
             except ValueError:  # already taken by the worker
                 return
             self._queued_tokens -= job.tokens
+        self.observe("queue_seconds", time.perf_counter() - job.enqueued)  # its wait counts: timeouts are the long ones
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then end the worker."""
@@ -195,7 +196,7 @@ class Batcher:
             scored = self.model.score_encoded(batch, "sum", reference_free, want_tokens, float32)
             seconds = time.perf_counter() - start
             self._note_rate(tokens, seconds)  # tokens as the queue counts them, for Retry-After
-            self.observe("forward_seconds", seconds)
+            self.observe("recheck_seconds" if float32 else "forward_seconds", seconds)
             self.observe("batch_sequences", len(batch))
             self.observe("batch_tokens", tokens)
             for j, r in zip(chunk, scored, strict=True):

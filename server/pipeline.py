@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from dpo import __version__
 from dpo.encoding import Encoded
 from dpo.errors import EncodingError, ResponseTooLongError
 from dpo.scorer import RewardModel, RewardResult
@@ -27,6 +28,7 @@ from server.batcher import Batcher, Job, QueueFull, ShuttingDown, TooLarge
 from server.metrics import ServerMetrics
 
 Group = tuple[Any, list[str]]  # a prompt (string or messages) and its responses: the prompt is tokenized once
+INFERENCE_ROUTES = ("/v1/rewards", "/v1/preference", "/v1/rerank", "/v2/rerank", "/rerank")
 ITEM = "item {}".format  # how error messages name sequence i of a request, unless the route names it otherwise
 
 
@@ -62,9 +64,11 @@ class State:
 
     def __init__(self, limits: Limits, api_key: str | None, recheck: float = 0.0):
         self.limits, self.api_key = limits, api_key
-        self.metrics = ServerMetrics(lambda: self.model.ref_cache if self.model is not None else None)
+        self.metrics = ServerMetrics(lambda: self.model.ref_cache if self.model is not None else None, __version__,
+                                     INFERENCE_ROUTES)  # fmt: skip
         self.recheck = recheck  # bf16-paired: close preference/rerank decisions rescored in float32 (0 = off)
         self.model: RewardModel | None = None
+        self.loaded_at = 0
         self.batcher: Batcher | None = None
         self.draining = False
         self.load_error: str | None = None
@@ -78,6 +82,7 @@ class State:
         self.lock = threading.Lock()
 
     def attach(self, model: RewardModel) -> None:
+        self.loaded_at = int(time.time())  # OpenAI's model list says when a model was created: here, loaded
         self.batcher = Batcher(
             model,
             self.limits.max_batch_tokens,
@@ -126,9 +131,11 @@ class State:
                 raise ApiError(429, f"tokenizer queue full ({self.tokenize_waiting} requests)", "rate_limit_error",
                                {"Retry-After": str(wait_s)})  # fmt: skip
             self.tokenize_waiting += 1
+        submitted = time.perf_counter()
         work = self.tokenizing.submit(self.encode_sync, model, make_groups, options, name)
 
-        def release(_) -> None:
+        def release(_) -> None:  # done, failed or cancelled: the phase counts the wait for the tokenizer too
+            self.metrics.latency.labels("tokenize").observe(time.perf_counter() - submitted)
             with self.lock:
                 self.tokenize_waiting -= 1
 
@@ -177,7 +184,6 @@ class State:
                     )
                 seqs.append(seq)
         seconds = time.perf_counter() - start
-        self.metrics.latency.labels("tokenize").observe(seconds)
         with self.lock:
             old = self.tokenize_seconds
             self.tokenize_seconds = seconds if old is None else 0.8 * old + 0.2 * seconds

@@ -134,12 +134,18 @@ def test_probes_info_models_metrics(client, artifact):
     assert client.get("/health").json() == {"status": "ok"} and client.get("/ready").status_code == 200
     info = client.get("/info").json()
     assert info["beta"] == 0.5 and len(info["models"]["reference_sha256"]) == 64 and info["limits"]["max_items"] == 256
-    assert client.get("/v1/models").json()["data"][0]["id"] == artifact.name
+    (model,) = client.get("/v1/models").json()["data"]
+    assert model["id"] == artifact.name and model["max_model_len"] == info["max_length"] and model["created"] > 0
+    spec = client.get("/openapi.json").json()["paths"]
+    assert set(spec["/v1/rewards"]["post"]["responses"]) == {"200", "401", "413", "422", "429", "500", "503", "504"}
+    assert set(spec["/health"]["get"]["responses"]) == {"200", "503"}  # no key, no body: no 401, 413 or 422
+    assert "Retry-After" in spec["/v1/rerank"]["post"]["responses"]["429"]["headers"]
+    assert list(spec["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     client.post("/v1/rewards", json={"items": [{"prompt": PROMPT, "response": "Hi."}]})
     text = client.get("/metrics").text
     for name in (
         "dporm_requests_total",
-        'dporm_phase_seconds_bucket{le="0.005",phase="forward"}',
+        'dporm_forward_seconds_bucket{kind="main",le="0.005"}',
         "dporm_batch_tokens",
         "dporm_reference_cache_total",
         "dporm_queue_requests",
