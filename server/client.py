@@ -16,7 +16,8 @@ empty list back without a request. A server that refuses a request as too many i
 read once, and the call is split again to the server's ``--max-items``.
 
 Items of one prompt in a row are scored on one cut of it (``truncate``), as the server cuts a prompt once for all
-its responses in a request: requests are split between such runs, never inside one when truncating. Prompts are
+its responses in a request: requests are split between such runs; a run longer than a request is split, and
+refused (ValueError) where the server then truncated it. Prompts are
 strings or chat messages with ``role`` and ``content`` strings only. Use one ``RewardClient`` per thread and one
 ``AsyncRewardClient`` per event loop.
 """

@@ -91,10 +91,10 @@ def _prompt_of(item: dict[str, Any]) -> Any:
     return item.get("prompt", item.get("messages"))
 
 
-def _chunks(keys: Sequence[Any], size: int, whole_runs: bool) -> list[range]:
+def _chunks(keys: Sequence[Any], size: int) -> tuple[list[range], list[range]]:
     """Spans of at most ``size`` consecutive items, cut between runs of equal ``keys`` where a run fits in one;
-    ``whole_runs``: a run longer than ``size`` is refused rather than split."""
-    runs, start = [], 0
+    and the runs that had to be split (longer than ``size``)."""
+    runs, split, start = [], [], 0
     for i in range(1, len(keys) + 1):
         if i == len(keys) or keys[i] != keys[start]:
             runs.append(range(start, i))
@@ -102,16 +102,13 @@ def _chunks(keys: Sequence[Any], size: int, whole_runs: bool) -> list[range]:
     spans: list[range] = []
     for run in runs:
         if len(run) > size:
-            if whole_runs:
-                raise ValueError(f"items {run.start}..{run.stop - 1} share one prompt, more than the {size} per "
-                                 "request: with truncate the server must cut that prompt once for all of them; "
-                                 "raise batch_size (and the server's --max-items) or send fewer")  # fmt: skip
+            split.append(run)
             spans.extend(range(s, min(s + size, run.stop)) for s in range(run.start, run.stop, size))
         elif spans and spans[-1].stop == run.start and len(spans[-1]) + len(run) <= size:
             spans[-1] = range(spans[-1].start, run.stop)
         else:
             spans.append(run)
-    return spans
+    return spans, split
 
 
 def _check_indices(indices: list[int], rows: int, what: str, count: int | None = None) -> None:
@@ -240,8 +237,8 @@ class _BaseClient:
         self.server_max_items = limit
         return True
 
-    def _batched(self, path: str, key: str, items: list[dict], options: dict, result: type,
-                 spans: list[range]) -> _Call:  # fmt: skip
+    def _batched(self, path: str, key: str, items: list[dict], options: dict, result: type, spans: list[range],
+                 check: Callable[[list[Any]], None] = lambda results: None) -> _Call:  # fmt: skip
         """One request per span of items; the answers checked and re-indexed to the caller's order."""
         requests = [("POST", path, {key: items[span.start : span.stop], **options}) for span in spans]
 
@@ -250,7 +247,9 @@ class _BaseClient:
             for answer, span in zip(answers, spans, strict=True):
                 _check_indices([d["index"] for d in answer["data"]], len(span), key)
                 results += [_parse(result, d, span.start) for d in answer["data"]]
-            return sorted(results, key=lambda r: r.index)
+            results.sort(key=lambda r: r.index)
+            check(results)
+            return results
 
         return _Call(requests, fold)
 
@@ -258,9 +257,18 @@ class _BaseClient:
         """Runs of items of one prompt stay in one request where they fit (a prompt is cut once per run)."""
         options = _scoring_options(**options) | {"return_token_rewards": token_rewards}
         body = [_item(it, ("response",)) for it in items]
-        truncating = bool(options.get("truncate") or options.get("truncate_response"))
-        spans = _chunks([_prompt_of(it) for it in body], self._sizes()[0], truncating)
-        return self._batched("/v1/rewards", "items", body, options, Reward, spans)
+        spans, split = _chunks([_prompt_of(it) for it in body], self._sizes()[0])
+
+        def same_cut(results: list[Reward]) -> None:
+            """A run split over requests was cut per request: refused where a cut happened (else it is exact)."""
+            for run in split:
+                if any(results[i].truncated for i in run):
+                    raise ValueError(f"items {run.start}..{run.stop - 1} share one prompt, more than the "
+                                     f"{self._sizes()[0]} per request, and were truncated: in one request the server "
+                                     "cuts that prompt once for all of them, split over several it was cut apart; "
+                                     "raise batch_size (and the server's --max-items) or send fewer")  # fmt: skip
+
+        return self._batched("/v1/rewards", "items", body, options, Reward, spans, same_cut)
 
     def _preference_call(self, pairs: Sequence[PreferencePair], **options: Any) -> _Call:
         """``batch_size // 2`` pairs per request: ``batch_size`` counts sequences, as the server's ``--max-items``."""

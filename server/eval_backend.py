@@ -117,7 +117,7 @@ class ServerBackend:
                 row_fault = e.status in (413, 422) and e.message.startswith("item ")
                 return [Refused(e.message) if row_fault else e.message]
             return [x for g in groups for x in self._shard(client, [g])]  # find the rows the server refuses
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, ValueError) as e:  # ValueError: a row's responses cut apart over requests
             raise DpormError(f"{client.base_url}: {e}") from None
 
     def score_groups(self, groups: Sequence[Group]) -> list[list[ResponseScore] | str]:

@@ -1,6 +1,7 @@
 """server/client.py: how it splits calls, checks answers, retries and probes (a fake server, no models)."""
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -25,13 +26,23 @@ def test_runs_of_one_prompt_stay_in_one_request():
     assert _sizes(server) == [3, 1]
 
 
-def test_a_run_longer_than_a_request_is_split_only_without_truncation():
+def test_a_run_longer_than_a_request_is_split_and_refused_only_where_it_was_cut():
     server = FakeServer()
     rm, _ = client(server, batch_size=2)
-    assert len(rm.rewards([("P", "x")] * 5)) == 5 and _sizes(server) == [2, 2, 1]  # no cut: splits are exact
-    for option in ("truncate", "truncate_response"):
-        with pytest.raises(ValueError, match="items 0..4 share one prompt"):
-            rm.rewards([("P", "x")] * 5, **{option: True})
+    assert len(rm.rewards([("P", "x")] * 5, truncate=True)) == 5 and _sizes(server) == [2, 2, 1]  # no cut: exact
+
+    def cut_last(request: httpx.Request) -> httpx.Response:
+        answer = server(request)
+        if request.url.path == "/v1/rewards" and len(server.bodies) == 3:  # the run's last request was truncated
+            body = json.loads(answer.content)
+            body["data"][0]["truncated"] = True
+            return httpx.Response(200, json=body)
+        return answer
+
+    server.bodies.clear()
+    rm, _ = client(cut_last, batch_size=2)
+    with pytest.raises(ValueError, match="items 0..4 share one prompt.*were truncated"):
+        rm.rewards([("P", "x")] * 5, truncate_response=True)
     with pytest.raises(ValueError, match="cut the query once"):
         client(FakeServer(), max_documents=2)[0].rerank("q", ["a", "b", "c"], truncate=True)
 
